@@ -181,6 +181,13 @@ def read_manifest(directory: str | os.PathLike[str], verify: bool = True) -> dic
     return manifest
 
 
+def _require_listed(directory: Path, manifest: dict[str, Any], *names: str) -> None:
+    """Only files the manifest vouches for are read."""
+    for name in names:
+        if name not in manifest["files"]:
+            raise CheckpointError(f"{directory / MANIFEST} does not list {name}")
+
+
 @dataclass
 class LoadedStudent:
     """A student ready to use: ``model`` (eval mode), its ``preprocess``, and ``meta.json``."""
@@ -207,8 +214,7 @@ def load_student(path: str | os.PathLike[str], map_location: str = "cpu") -> Loa
     """
     directory = Path(path)
     manifest = read_manifest(directory)
-    if "student.safetensors" not in manifest["files"] or "meta.json" not in manifest["files"]:
-        raise CheckpointError(f"{directory / MANIFEST} lists no student.safetensors/meta.json")
+    _require_listed(directory, manifest, "student.safetensors", "meta.json")
     meta = json.loads((directory / "meta.json").read_text())
     model_info = meta["model"]
     model = create_model(model_info["name"], model_info["num_classes"], **model_info["options"])
@@ -225,6 +231,7 @@ def load_training_state(path: str | os.PathLike[str], map_location: str = "cpu")
     """Everything needed to resume: student/method tensors, optimizer state, epoch, step."""
     directory = Path(path)
     manifest = read_manifest(directory)
+    _require_listed(directory, manifest, "student.safetensors", "meta.json")
     meta = json.loads((directory / "meta.json").read_text())
     out: dict[str, Any] = {
         "student": load_file(str(directory / "student.safetensors"), device=map_location),
@@ -235,6 +242,7 @@ def load_training_state(path: str | os.PathLike[str], map_location: str = "cpu")
     if "method.safetensors" in manifest["files"]:
         out["method"] = load_file(str(directory / "method.safetensors"), device=map_location)
     if "optimizer.safetensors" in manifest["files"]:
+        _require_listed(directory, manifest, "optimizer.json")
         tensors = load_file(str(directory / "optimizer.safetensors"), device=map_location)
         structure = json.loads((directory / "optimizer.json").read_text())
         out["optimizer"] = _unflatten_state(structure, tensors)

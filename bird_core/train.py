@@ -7,6 +7,7 @@ change to the calling code.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -129,7 +130,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
+        if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
@@ -368,6 +369,7 @@ def fit(
             f"teacher features have {len(train_features)} rows but the train split has "
             f"{len(data.train)}"
         )
+    method.check_student(student)
     rank, world = rank_and_world()
     device = torch.device(config.device)
     student.to(device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -51,6 +52,8 @@ class MethodOptions:
     def _check_positive(self, *names: str, allow_zero: bool = False) -> None:
         for name in names:
             value = getattr(self, name)
+            if not math.isfinite(value):
+                raise ValueError(f"option {name} must be a finite number, got {value!r}")
             if value < 0 or (value == 0 and not allow_zero):
                 bound = ">= 0" if allow_zero else "> 0"
                 raise ValueError(f"option {name} must be {bound}, got {value!r}")
@@ -99,6 +102,9 @@ class Method(nn.Module):
     ) -> dict[str, float]:
         """Update meta-learned state before the joint step (BIRD's φ); others do nothing."""
         return {}
+
+    def check_student(self, student: Net) -> None:
+        """Raise a clear error if ``student`` cannot be trained with this method."""
 
     def aux_parameters(self) -> list[nn.Parameter]:
         """Parameters trained by :meth:`aux_optimizer`, not by the main optimizer."""

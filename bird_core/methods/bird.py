@@ -107,6 +107,17 @@ class BIRD(Method):
         opts: BIRDOptions = self.options  # type: ignore[assignment]
         self.fair = FairDistill(student_dim, teacher_dim, gate_init=opts.gate_init)
 
+    def check_student(self, student: Net) -> None:
+        """``virtual_params="head"`` needs an embedding layer for φ to reach θ'."""
+        opts: BIRDOptions = self.options  # type: ignore[assignment]
+        embed = student.head.embed
+        if opts.virtual_params == "head" and not any(p.requires_grad for p in embed.parameters()):
+            raise ValueError(
+                "bird with virtual_params='head' needs a student with an embedding layer "
+                "(create_model(..., embed_dim=N)): without one the virtual step cannot depend "
+                "on φ. Give the student an embed_dim, or use virtual_params='all'."
+            )
+
     # -- losses -----------------------------------------------------------------------------
 
     def inner_loss(
@@ -166,6 +177,7 @@ class BIRD(Method):
         Exposed separately so a finite-difference test can check its gradient.
         """
         opts: BIRDOptions = self.options  # type: ignore[assignment]
+        self.check_student(student)
         if opts.virtual_params == "head":
             module: torch.nn.Module = student.head
             # The body is not updated virtually, so its outputs need no graph; its batch-norm
