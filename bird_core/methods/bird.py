@@ -53,12 +53,12 @@ class BIRDOptions(MethodOptions):
     """BIRD's options (DESIGN.md section 4); the defaults are documented in docs/methods.md."""
 
     inner_lr: float = 0.1  # α, Stage I step size
-    phi_lr: float = 10.0  # β, the φ learning rate
+    phi_lr: float = 100.0  # β, the φ learning rate (meta-gradients on φ are small)
     lambda_kd: float = 1.0  # weight of L_feat
     lambda_logit: float = 1.0  # weight of logit KD where teacher logits exist
     temperature: float = 3.0
-    gamma: float = 1.0  # weight of L_fair in L_outer
-    lambda_fair: float = 1.0  # weight of L_fair in L_joint
+    gamma: float = 5.0  # weight of L_fair in L_outer
+    lambda_fair: float = 5.0  # weight of L_fair in L_joint
     meta_fraction: float = 0.1  # share of the train split held out for meta batches
     meta_interval: int = 1  # update φ every k steps
     meta_batch_size: int | None = None  # default: the training batch size

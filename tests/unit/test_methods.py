@@ -159,7 +159,7 @@ def test_unknown_option_lists_valid_options():
 
 def test_method_options_defaults():
     opts = method_options("bird")
-    assert opts["phi_lr"] == 10.0
+    assert opts["phi_lr"] == 100.0
     assert opts["virtual_params"] == "head"
     assert opts["gate_init"] == 4.0
     assert method_options("bkd") == {"lambda_kd": 1.0, "temperature": 3.0}

@@ -1,0 +1,68 @@
+"""Deployment settings: one ``pydantic-settings`` class, environment variables prefixed ``BIRD_``.
+
+The embedded default needs no configuration at all: a SQLite file and a local object-store
+directory under ``./bird-data/``, a local Ray started on demand. Production points the same
+fields at PostgreSQL, S3/MinIO and a Ray cluster.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything a bird process needs to know about its deployment."""
+
+    model_config = SettingsConfigDict(env_prefix="BIRD_", extra="forbid", frozen=True)
+
+    data_dir: Path = Field(
+        default=Path("bird-data"), description="Root of the embedded defaults (SQLite, store)."
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db. "
+        "Default: sqlite:///<data_dir>/bird.db.",
+    )
+    store_url: str | None = Field(
+        default=None,
+        description="Object store: s3://bucket/prefix or a local directory. "
+        "Default: <data_dir>/store.",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint (MinIO, moto); None means AWS."
+    )
+    s3_region: str = Field(default="us-east-1", description="S3 region.")
+    s3_access_key_id: SecretStr | None = Field(default=None, description="S3 access key.")
+    s3_secret_access_key: SecretStr | None = Field(default=None, description="S3 secret key.")
+    presign_expiry_s: int = Field(
+        default=900, ge=1, le=7 * 24 * 3600, description="Lifetime of presigned URLs."
+    )
+    ray_address: str | None = Field(
+        default=None, description="Ray cluster address (ray://host:10001, auto); None: local."
+    )
+    api_host: str = Field(default="127.0.0.1", description="Address the API binds to.")
+    api_port: int = Field(default=8000, ge=1, le=65535, description="Port the API binds to.")
+    lease_s: int = Field(default=60, ge=5, description="Job lease length; heartbeats renew it.")
+    heartbeat_s: int = Field(default=10, ge=1, description="Seconds between worker heartbeats.")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("sqlite", "postgresql")):
+            raise ValueError("database_url must be a sqlite:// or postgresql:// URL")
+        return value
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL, defaulting to a SQLite file under ``data_dir``."""
+        return self.database_url or f"sqlite:///{(self.data_dir / 'bird.db').as_posix()}"
+
+    @property
+    def resolved_store_url(self) -> str:
+        """The object-store URL, defaulting to a directory under ``data_dir``."""
+        return self.store_url or str(self.data_dir / "store")
