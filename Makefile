@@ -34,6 +34,7 @@ experiment-quick:
 	bird experiment --quick
 
 test: install-dev
+	./scripts/ensure-postgres.sh
 	$(PYTHON) -m pytest -q
 
 lint:
