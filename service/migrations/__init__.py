@@ -1,0 +1,1 @@
+"""Alembic migrations of bird's schema (run them with ``service.db.upgrade``)."""

@@ -1,0 +1,806 @@
+"""The job queue: the ``jobs`` table, changed only through named transitions.
+
+Like procrastinate, the queue is the database: there is no broker. Each public function is one
+transaction on the given session: it applies one named transition (or records worker output),
+appends a ``job_events`` row for every state change, and commits; on any error it rolls back and
+raises. Committing inside matters for the queue: a claim holds row locks until it commits, and a
+transition must never be half-applied. Pending changes the caller left in the session are
+committed (or rolled back) with it, so pass a session without unrelated work in flight.
+
+Transitions are a closed table (:data:`TRANSITIONS`): ``(transition, state) -> new state``.
+Anything not in it raises :class:`IllegalTransition`. Worker operations also check the lease: a
+worker that does not hold a job's lease (because the reaper gave the job to someone else, say)
+gets :class:`LeaseLost` and must stop working on the job.
+
+Every state change is a compare-and-set (``UPDATE ... WHERE id = ? AND state = <state read>
+[AND lease_owner = <worker>]``), so concurrent callers (API cancelling, worker finishing, reaper
+expiring) can never apply two transitions from the same state; the loser re-reads and either
+applies its transition to the new state or raises.
+
+Clocks: on PostgreSQL every timestamp the queue writes, and every lease comparison, uses the
+database's clock (``statement_timestamp()``), so workers on different machines agree on when a
+lease expires. SQLite is a single-machine database, where the local clock is the same clock.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    Interval,
+    Update,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.models import (
+    ACTIVE_STATES,
+    Checkpoint,
+    Job,
+    JobEvent,
+    JobLog,
+    JobStage,
+    JobState,
+    Metric,
+    Trial,
+    UTCDateTime,
+    utcnow,
+)
+
+__all__ = [
+    "LOG_LEVELS",
+    "TRANSITIONS",
+    "IdempotencyConflict",
+    "IllegalTransition",
+    "JobNotFound",
+    "LeaseLost",
+    "add_checkpoint",
+    "append_log",
+    "cancel",
+    "claim",
+    "fail",
+    "finish",
+    "finish_cancelled",
+    "get_job",
+    "heartbeat",
+    "reap",
+    "record_metrics",
+    "retry",
+    "submit",
+    "target_state",
+    "upsert_trial",
+]
+
+Q, R, CG = JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING
+S, F, C = JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED
+
+# The closed transition table: transition name -> {state it may start from: state it ends in}.
+# ``submit`` creates a job in ``queued`` and is the only transition without a "from" state.
+TRANSITIONS: Mapping[str, Mapping[JobState, JobState]] = {
+    "claim": {Q: R},
+    # A worker renews its lease; the state does not change (an event is written only when the
+    # reported stage changes, not for every renewal).
+    "heartbeat": {R: R, CG: CG},
+    # A job whose cancellation was requested but which completed anyway is still cancelled: the
+    # user asked for it not to run to completion, and must not be surprised by a result.
+    "finish": {R: S, CG: C},
+    "finish_cancelled": {CG: C},
+    "fail": {R: F, CG: F},
+    # The worker gives the job back (shutting down, say): queued again unless cancelling.
+    "retry": {R: Q, CG: C},
+    # Cancelling twice is not an error (users double-click); it changes nothing the second time.
+    "cancel": {Q: C, R: CG, CG: CG},
+    # The reaper, for jobs whose lease expired: requeue while attempts remain, else fail.
+    "reap_requeue": {R: Q},
+    "reap_fail": {R: F},
+    "reap_cancel": {CG: C},
+}
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# Optimistic compare-and-set retries: each retry means another transition won a race for the
+# same job, and a job has only a handful of states, so a few rounds always settle it.
+_RACE_ROUNDS = 8
+_METRIC_KEYS = frozenset({"split", "name", "value", "trial", "epoch", "step"})
+
+
+class JobNotFound(LookupError):
+    """The job does not exist (or belongs to another tenant, which callers cannot tell apart)."""
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(f"job {job_id} not found")
+        self.job_id = job_id
+
+
+class IllegalTransition(ValueError):
+    """A transition that the table does not allow from the job's current state."""
+
+    def __init__(
+        self, job_id: int | None, state: JobState | None, transition: str, detail: str = ""
+    ) -> None:
+        where = f"job {job_id} is {state}" if job_id is not None else f"state {state}"
+        message = f"{where}: cannot {transition}"
+        super().__init__(f"{message} ({detail})" if detail else message)
+        self.job_id = job_id
+        self.state = state
+        self.transition = transition
+
+
+class LeaseLost(IllegalTransition):
+    """The worker does not hold the job's lease (it expired and was reaped, or never was its)."""
+
+    def __init__(
+        self, job_id: int, state: JobState, transition: str, worker: str, owner: str | None
+    ) -> None:
+        holder = f"held by {owner!r}" if owner is not None else "no worker holds it"
+        super().__init__(
+            job_id, state, transition, f"worker {worker!r} does not hold its lease; {holder}"
+        )
+        self.worker = worker
+        self.owner = owner
+
+
+class IdempotencyConflict(ValueError):
+    """An idempotency key was reused for a different job spec."""
+
+
+def target_state(transition: str, state: JobState, job_id: int | None = None) -> JobState:
+    """The state ``transition`` leads to from ``state``; raise :class:`IllegalTransition`."""
+    try:
+        table = TRANSITIONS[transition]
+    except KeyError:
+        raise ValueError(f"unknown transition {transition!r}") from None
+    try:
+        return table[JobState(state)]
+    except KeyError:
+        raise IllegalTransition(job_id, JobState(state), transition) from None
+
+
+# --- plumbing ---------------------------------------------------------------------------------
+
+
+@contextmanager
+def _transaction(session: Session) -> Iterator[None]:
+    """Commit on success; roll back on any error so no half-applied transition remains."""
+    try:
+        yield
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+
+
+def _dialect(session: Session) -> str:
+    return session.get_bind().dialect.name
+
+
+def _now(session: Session) -> ColumnElement[datetime]:
+    """Now, from the database's clock on PostgreSQL and the local clock on SQLite."""
+    if _dialect(session) == "postgresql":
+        # statement_timestamp(), not now(): now() is frozen at the start of the transaction,
+        # which a caller may have opened long before.
+        return func.statement_timestamp(type_=UTCDateTime())
+    return literal(utcnow(), UTCDateTime())
+
+
+def _lease_until(session: Session, lease_s: float) -> ColumnElement[datetime]:
+    if lease_s <= 0:
+        raise ValueError(f"lease_s must be positive, got {lease_s}")
+    lease = timedelta(seconds=lease_s)
+    if _dialect(session) == "postgresql":
+        return func.statement_timestamp() + literal(lease, Interval())
+    return literal(utcnow() + lease, UTCDateTime())
+
+
+def _released() -> dict[str, Any]:
+    """Column values that clear a lease; a job holds one exactly while running or cancelling."""
+    return {"lease_owner": None, "lease_expires_at": None}
+
+
+def _returning_jobs(session: Session, stmt: Update) -> Job | None:
+    # populate_existing: a Job already in the session's identity map is refreshed from the
+    # returned row instead of keeping its stale attribute values.
+    return session.scalars(
+        stmt.returning(Job),
+        execution_options={"populate_existing": True, "synchronize_session": False},
+    ).one_or_none()
+
+
+_ANY = object()
+
+
+def _set_if(
+    session: Session,
+    job_id: int,
+    *,
+    state: JobState,
+    owner: str | object | None = _ANY,
+    where: Iterable[ColumnElement[bool]] = (),
+    values: Mapping[str, Any],
+) -> Job | None:
+    """Compare-and-set: update the job only if it is still in ``state`` (held by ``owner``)."""
+    stmt = update(Job).where(Job.id == job_id, Job.state == state, *where)
+    if owner is not _ANY:
+        stmt = stmt.where(Job.lease_owner.is_(None) if owner is None else Job.lease_owner == owner)
+    stmt = stmt.values(updated_at=_now(session), **values)
+    return _returning_jobs(session, stmt)
+
+
+def _event(
+    session: Session,
+    job_id: int,
+    transition: str,
+    from_state: JobState | None,
+    to_state: JobState,
+    *,
+    worker: str | None = None,
+    message: str = "",
+) -> None:
+    session.execute(
+        insert(JobEvent).values(
+            job_id=job_id,
+            at=_now(session),
+            from_state=from_state,
+            to_state=to_state,
+            transition=transition,
+            worker=worker,
+            message=message,
+        )
+    )
+
+
+def _read(session: Session, job_id: int, tenant_id: int | None = None) -> Any:
+    stmt = select(Job.state, Job.lease_owner, Job.stage, Job.attempts, Job.max_attempts).where(
+        Job.id == job_id
+    )
+    if tenant_id is not None:
+        stmt = stmt.where(Job.tenant_id == tenant_id)
+    row = session.execute(stmt).one_or_none()
+    if row is None:
+        raise JobNotFound(job_id)
+    return row
+
+
+def _worker_transition(
+    session: Session,
+    job_id: int,
+    worker_id: str,
+    transition: str,
+    values_for: Callable[[JobState], dict[str, Any]],
+    message_for: Callable[[JobState], str],
+) -> Job:
+    """Apply a transition that only the worker holding the job's lease may apply."""
+    with _transaction(session):
+        for _ in range(_RACE_ROUNDS):
+            row = _read(session, job_id)
+            state = JobState(row.state)
+            if row.lease_owner != worker_id:
+                raise LeaseLost(job_id, state, transition, worker_id, row.lease_owner)
+            target = target_state(transition, state, job_id)
+            job = _set_if(
+                session,
+                job_id,
+                state=state,
+                owner=worker_id,
+                values={"state": target, **values_for(target)},
+            )
+            if job is not None:
+                _event(
+                    session,
+                    job_id,
+                    transition,
+                    state,
+                    target,
+                    worker=worker_id,
+                    message=message_for(target),
+                )
+                return job
+        raise RuntimeError(f"job {job_id}: {transition} lost {_RACE_ROUNDS} races in a row")
+
+
+def _spec_json(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The spec as the JSON column will give it back (tuples become lists, keys strings)."""
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"job spec must be a mapping, got {type(spec).__name__}")
+    # allow_nan=False: NaN/Infinity are not JSON, and PostgreSQL's json type rejects them.
+    return json.loads(json.dumps(dict(spec), allow_nan=False))
+
+
+def _finite_json(value: Any) -> Any:
+    """``value`` with non-finite floats replaced by None (trial metrics may well be NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    return value
+
+
+# --- the API side -----------------------------------------------------------------------------
+
+
+def get_job(session: Session, job_id: int, *, tenant_id: int | None = None) -> Job:
+    """The job ``job_id`` (of ``tenant_id`` when given); raise :class:`JobNotFound`."""
+    stmt = select(Job).where(Job.id == job_id)
+    if tenant_id is not None:
+        stmt = stmt.where(Job.tenant_id == tenant_id)
+    job = session.scalars(stmt, execution_options={"populate_existing": True}).one_or_none()
+    if job is None:
+        raise JobNotFound(job_id)
+    return job
+
+
+def _idempotent_match(
+    session: Session, tenant_id: int, key: str, spec: dict[str, Any]
+) -> Job | None:
+    job = session.scalars(
+        select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key),
+        execution_options={"populate_existing": True},
+    ).one_or_none()
+    if job is not None and job.spec != spec:
+        # Returning the old job for a different spec would silently drop the new request.
+        raise IdempotencyConflict(
+            f"idempotency key {key!r} was already used for job {job.id} with a different spec"
+        )
+    return job
+
+
+def submit(
+    session: Session,
+    tenant_id: int,
+    spec: Mapping[str, Any],
+    *,
+    priority: int = 0,
+    max_attempts: int = 3,
+    idempotency_key: str | None = None,
+) -> Job:
+    """Queue a new job for ``tenant_id``; return it.
+
+    With an ``idempotency_key``, a second submit by the same tenant returns the job created by
+    the first (also when both race); reusing the key for a different spec raises
+    :class:`IdempotencyConflict`.
+    """
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
+    spec_json = _spec_json(spec)
+    if idempotency_key is not None:
+        with _transaction(session):
+            existing = _idempotent_match(session, tenant_id, idempotency_key, spec_json)
+        if existing is not None:
+            return existing
+    try:
+        with _transaction(session):
+            now = _now(session)
+            job = session.scalars(
+                insert(Job)
+                .values(
+                    tenant_id=tenant_id,
+                    spec=spec_json,
+                    state=JobState.QUEUED,
+                    priority=priority,
+                    max_attempts=max_attempts,
+                    attempts=0,
+                    progress=0.0,
+                    cancel_requested=False,
+                    idempotency_key=idempotency_key,
+                    created_at=now,
+                    updated_at=now,
+                )
+                .returning(Job)
+            ).one()
+            _event(session, job.id, "submit", None, JobState.QUEUED, message="submitted")
+            return job
+    except IntegrityError:
+        # Another submit with the same key committed first: return its job. Any other
+        # integrity error (an unknown tenant) finds nothing here and is raised as it was.
+        if idempotency_key is None:
+            raise
+        with _transaction(session):
+            existing = _idempotent_match(session, tenant_id, idempotency_key, spec_json)
+        if existing is None:
+            raise
+        return existing
+
+
+def cancel(session: Session, job_id: int, tenant_id: int) -> Job:
+    """Cancel a job of ``tenant_id``.
+
+    A queued job is cancelled at once. A running job moves to ``cancelling`` with
+    ``cancel_requested`` set; its worker sees that in its next heartbeat, stops, and calls
+    :func:`finish_cancelled`. Cancelling a cancelling job changes nothing; cancelling a finished
+    job raises :class:`IllegalTransition`. Another tenant's job is :class:`JobNotFound`.
+    """
+    with _transaction(session):
+        for _ in range(_RACE_ROUNDS):
+            state = JobState(_read(session, job_id, tenant_id).state)
+            target = target_state("cancel", state, job_id)
+            if state == target:
+                return get_job(session, job_id)
+            values: dict[str, Any] = {"state": target, "cancel_requested": True}
+            if target == JobState.CANCELLED:
+                values.update(finished_at=_now(session), **_released())
+            job = _set_if(session, job_id, state=state, values=values)
+            if job is not None:
+                message = (
+                    "cancelled while queued"
+                    if target == JobState.CANCELLED
+                    else "cancellation requested; waiting for the worker to stop"
+                )
+                _event(session, job_id, "cancel", state, target, message=message)
+                return job
+        raise RuntimeError(f"job {job_id}: cancel lost {_RACE_ROUNDS} races in a row")
+
+
+# --- the worker side --------------------------------------------------------------------------
+
+
+def _claim_statement(session: Session, worker_id: str, lease_s: float) -> Update:
+    now = _now(session)
+    values = {
+        "state": JobState.RUNNING,
+        "lease_owner": worker_id,
+        "lease_expires_at": _lease_until(session, lease_s),
+        "attempts": Job.attempts + 1,
+        "started_at": func.coalesce(Job.started_at, now),
+        "updated_at": now,
+        "stage": None,
+    }
+    order = (Job.priority.desc(), Job.created_at, Job.id)
+    if _dialect(session) == "postgresql":
+        # A CTE with FOR UPDATE is evaluated exactly once (a plain ``id = (subquery)`` may be
+        # re-run by the planner), and SKIP LOCKED lets concurrent claimers pass over the row
+        # another claimer is taking instead of queueing behind its lock.
+        next_job = (
+            select(Job.id)
+            .where(Job.state == JobState.QUEUED)
+            .order_by(*order)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+            .cte("next")
+        )
+        return (
+            update(Job)
+            .where(Job.id == next_job.c.id, Job.state == JobState.QUEUED)
+            .values(**values)
+        )
+    # SQLite has one writer at a time: the UPDATE takes the write lock before it evaluates the
+    # subquery, so two claimers can never pick the same row; the state check is belt and braces.
+    next_id = (
+        select(Job.id)
+        .where(Job.state == JobState.QUEUED)
+        .order_by(*order)
+        .limit(1)
+        .scalar_subquery()
+    )
+    return update(Job).where(Job.id == next_id, Job.state == JobState.QUEUED).values(**values)
+
+
+def claim(session_or_engine: Session | Engine, worker_id: str, lease_s: float) -> Job | None:
+    """Claim the next queued job (highest priority, then oldest) for ``worker_id``.
+
+    One UPDATE statement picks and takes the job, so a job is claimed exactly once however many
+    workers claim concurrently. The job becomes ``running`` with a lease of ``lease_s`` seconds
+    and ``attempts`` + 1. Returns None when nothing is queued. Given an engine, a short-lived
+    session is used and the returned job is detached (all its attributes loaded).
+    """
+    if isinstance(session_or_engine, Engine):
+        with Session(session_or_engine, expire_on_commit=False) as session:
+            return claim(session, worker_id, lease_s)
+    session = session_or_engine
+    with _transaction(session):
+        job = _returning_jobs(session, _claim_statement(session, worker_id, lease_s))
+        if job is not None:
+            _event(
+                session,
+                job.id,
+                "claim",
+                JobState.QUEUED,
+                JobState.RUNNING,
+                worker=worker_id,
+                message=f"attempt {job.attempts} of {job.max_attempts}",
+            )
+        return job
+
+
+def heartbeat(
+    session: Session,
+    job_id: int,
+    worker_id: str,
+    lease_s: float,
+    *,
+    progress: float | None = None,
+    stage: JobStage | str | None = None,
+) -> bool:
+    """Renew ``worker_id``'s lease on the job, optionally reporting progress (0..1) and stage.
+
+    Returns whether cancellation was requested, in which case the worker should stop and call
+    :func:`finish_cancelled`. Raises :class:`LeaseLost` if the worker no longer holds the lease
+    (the reaper gave the job away), in which case it must stop without reporting anything.
+    """
+    if progress is not None and not (0.0 <= progress <= 1.0):
+        raise ValueError(f"progress must be within [0, 1], got {progress}")
+    new_stage = JobStage(stage) if stage is not None else None
+    with _transaction(session):
+        for _ in range(_RACE_ROUNDS):
+            row = _read(session, job_id)
+            state = JobState(row.state)
+            if row.lease_owner != worker_id:
+                raise LeaseLost(job_id, state, "heartbeat", worker_id, row.lease_owner)
+            target_state("heartbeat", state, job_id)
+            values: dict[str, Any] = {"lease_expires_at": _lease_until(session, lease_s)}
+            if progress is not None:
+                values["progress"] = progress
+            if new_stage is not None:
+                values["stage"] = new_stage
+            job = _set_if(session, job_id, state=state, owner=worker_id, values=values)
+            if job is None:
+                continue  # cancelled (running -> cancelling) meanwhile: renew from that state
+            old_stage = JobStage(row.stage) if row.stage is not None else None
+            if new_stage is not None and new_stage != old_stage:
+                _event(
+                    session,
+                    job_id,
+                    "heartbeat",
+                    state,
+                    state,
+                    worker=worker_id,
+                    message=f"stage {old_stage or '-'} -> {new_stage}",
+                )
+            return job.cancel_requested
+        raise RuntimeError(f"job {job_id}: heartbeat lost {_RACE_ROUNDS} races in a row")
+
+
+def finish(session: Session, job_id: int, worker_id: str) -> Job:
+    """The worker completed the job: ``succeeded`` (or ``cancelled`` if cancellation was
+    requested while it ran). Raises :class:`LeaseLost` if the worker does not hold the lease."""
+
+    def values(target: JobState) -> dict[str, Any]:
+        done: dict[str, Any] = {"finished_at": _now(session), **_released()}
+        if target == JobState.SUCCEEDED:
+            done["progress"] = 1.0
+        return done
+
+    def message(target: JobState) -> str:
+        if target == JobState.CANCELLED:
+            return "completed after cancellation was requested; result discarded"
+        return "succeeded"
+
+    return _worker_transition(session, job_id, worker_id, "finish", values, message)
+
+
+def finish_cancelled(session: Session, job_id: int, worker_id: str) -> Job:
+    """The worker stopped a ``cancelling`` job at the user's request: ``cancelled``."""
+    return _worker_transition(
+        session,
+        job_id,
+        worker_id,
+        "finish_cancelled",
+        lambda _target: {"finished_at": _now(session), **_released()},
+        lambda _target: "stopped at the user's request",
+    )
+
+
+def fail(session: Session, job_id: int, worker_id: str, error: str) -> Job:
+    """The job failed on ``worker_id`` for ``error`` (a human-readable reason); no retry."""
+    return _worker_transition(
+        session,
+        job_id,
+        worker_id,
+        "fail",
+        lambda _target: {"finished_at": _now(session), "error": error, **_released()},
+        lambda _target: error,
+    )
+
+
+def retry(session: Session, job_id: int, worker_id: str, reason: str = "") -> Job:
+    """The worker gives the job back: ``queued`` again (``attempts`` kept: the next claim counts
+    the next attempt), or ``cancelled`` if cancellation was requested meanwhile."""
+
+    def values(target: JobState) -> dict[str, Any]:
+        if target == JobState.CANCELLED:
+            return {"finished_at": _now(session), **_released()}
+        return {"stage": None, **_released()}
+
+    return _worker_transition(
+        session, job_id, worker_id, "retry", values, lambda _target: reason or "given back"
+    )
+
+
+def reap(session: Session, now: datetime | None = None) -> list[int]:
+    """Expire the leases that ran out before ``now`` (default: the database's clock).
+
+    A running job goes back to ``queued`` (lease cleared; its next claim counts the next attempt)
+    while ``attempts < max_attempts``, else to ``failed`` with the reason in ``error``. A
+    cancelling job becomes ``cancelled``. Returns the ids of the jobs changed. Safe to run from
+    several processes at once: on PostgreSQL each reaper skips rows another is handling.
+    """
+    deadline = literal(now, UTCDateTime()) if now is not None else _now(session)
+    expired = Job.lease_expires_at < deadline
+    reaped: list[int] = []
+    with _transaction(session):
+        query = (
+            select(Job.id, Job.state, Job.lease_owner, Job.attempts, Job.max_attempts)
+            .where(Job.state.in_(ACTIVE_STATES), expired)
+            .order_by(Job.id)
+        )
+        if _dialect(session) == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        for row in session.execute(query).all():
+            state = JobState(row.state)
+            worker = row.lease_owner
+            values: dict[str, Any] = dict(_released())
+            if state == JobState.CANCELLING:
+                transition, message = "reap_cancel", f"lease of worker {worker} expired"
+                values["finished_at"] = _now(session)
+            elif row.attempts >= row.max_attempts:
+                transition = "reap_fail"
+                message = f"lease expired after {row.attempts} attempts (last worker {worker})"
+                values.update(finished_at=_now(session), error=message)
+            else:
+                transition = "reap_requeue"
+                message = (
+                    f"lease of worker {worker} expired; requeued after attempt "
+                    f"{row.attempts} of {row.max_attempts}"
+                )
+                values["stage"] = None
+            target = target_state(transition, state, row.id)
+            # Re-check the expiry in the UPDATE: a heartbeat may have renewed it since the read.
+            job = _set_if(
+                session,
+                row.id,
+                state=state,
+                owner=worker,
+                where=[expired],
+                values={"state": target, **values},
+            )
+            if job is not None:
+                _event(session, row.id, transition, state, target, worker=worker, message=message)
+                reaped.append(row.id)
+    return reaped
+
+
+# --- what workers record ----------------------------------------------------------------------
+
+
+def record_metrics(session: Session, job_id: int, rows: Iterable[Mapping[str, Any]]) -> int:
+    """Append metric points to the job's time series; return how many.
+
+    Each row has ``split``, ``name`` and ``value`` and optionally ``trial``, ``epoch``, ``step``.
+    NaN values are kept as NULL (a diverging loss is worth seeing); infinities are kept as such.
+    """
+    points: list[dict[str, Any]] = []
+    for row in rows:
+        unknown = set(row) - _METRIC_KEYS
+        missing = {"split", "name", "value"} - set(row)
+        if unknown or missing:
+            raise ValueError(
+                f"metric row {dict(row)!r}: missing {sorted(missing)}, unknown {sorted(unknown)}"
+            )
+        value = row["value"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"metric {row['name']!r}: value must be a number, got {value!r}")
+        points.append(
+            {
+                "job_id": job_id,
+                "split": str(row["split"]),
+                "name": str(row["name"]),
+                # NULL stands for NaN: SQLite cannot store NaN, and JSON has no NaN either.
+                "value": None if math.isnan(value) else float(value),
+                "trial": row.get("trial"),
+                "epoch": row.get("epoch"),
+                "step": row.get("step"),
+            }
+        )
+    if not points:
+        return 0
+    with _transaction(session):
+        # Core insert: one executemany, with the timestamp taken from the database clock.
+        session.execute(insert(Metric.__table__).values(at=_now(session)), points)
+    return len(points)
+
+
+def append_log(session: Session, job_id: int, level: str, message: str) -> JobLog:
+    """Append a log line (level: debug, info, warning or error) to the job's log."""
+    level = level.lower()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"log level must be one of {LOG_LEVELS}, got {level!r}")
+    with _transaction(session):
+        return session.scalars(
+            insert(JobLog)
+            .values(job_id=job_id, at=_now(session), level=level, message=message)
+            .returning(JobLog)
+        ).one()
+
+
+def _upsert(session: Session) -> Callable[..., Any]:
+    """The dialect's INSERT with ON CONFLICT (both PostgreSQL and SQLite have one)."""
+    return postgresql.insert if _dialect(session) == "postgresql" else sqlite.insert
+
+
+def add_checkpoint(
+    session: Session, job_id: int, name: str, uri: str, *, size: int, sha256: str
+) -> Checkpoint:
+    """Record the job's checkpoint ``name`` (``best``, ``last``, ...) at ``uri``.
+
+    A checkpoint of the same name replaces the previous record: ``best`` and ``last`` move as
+    training goes on.
+    """
+    if size < 0:
+        raise ValueError(f"checkpoint size must be non-negative, got {size}")
+    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        raise ValueError(f"sha256 must be 64 lowercase hex digits, got {sha256!r}")
+    with _transaction(session):
+        now = _now(session)
+        stmt = _upsert(session)(Checkpoint).values(
+            job_id=job_id, name=name, uri=uri, size=size, sha256=sha256, created_at=now
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[Checkpoint.job_id, Checkpoint.name],
+            set_={
+                "uri": stmt.excluded.uri,
+                "size": stmt.excluded.size,
+                "sha256": stmt.excluded.sha256,
+                "created_at": now,
+            },
+        )
+        return session.scalars(
+            stmt.returning(Checkpoint), execution_options={"populate_existing": True}
+        ).one()
+
+
+def upsert_trial(
+    session: Session,
+    job_id: int,
+    trial_index: int,
+    *,
+    state: str,
+    params: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    checkpoint_uri: str | None = None,
+) -> Trial:
+    """Create or update trial ``trial_index`` of the job's search.
+
+    On update, ``params`` and ``metrics`` replace the stored ones when given, and a None
+    ``checkpoint_uri`` keeps the one already recorded.
+    """
+    if not state:
+        raise ValueError("trial state must be a non-empty string")
+    params_json = _spec_json(params or {})
+    metrics_json = _spec_json(_finite_json(metrics or {}))
+    with _transaction(session):
+        stmt = _upsert(session)(Trial).values(
+            job_id=job_id,
+            trial_index=trial_index,
+            params=params_json,
+            metrics=metrics_json,
+            state=state,
+            checkpoint_uri=checkpoint_uri,
+        )
+        changes: dict[str, Any] = {
+            "state": stmt.excluded.state,
+            "checkpoint_uri": func.coalesce(stmt.excluded.checkpoint_uri, Trial.checkpoint_uri),
+        }
+        if params is not None:
+            changes["params"] = stmt.excluded.params
+        if metrics is not None:
+            changes["metrics"] = stmt.excluded.metrics
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[Trial.job_id, Trial.trial_index], set_=changes
+        )
+        return session.scalars(
+            stmt.returning(Trial), execution_options={"populate_existing": True}
+        ).one()

@@ -1,0 +1,648 @@
+"""service.queue on real PostgreSQL and SQLite: every named transition, its events row, the
+illegal ones, leases and the reaper, and exactly-once claims under concurrency."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import Engine, func, insert, select
+from sqlalchemy.orm import Session
+
+from service import queue
+from service.db import make_engine, session_factory
+from service.models import Checkpoint, Job, JobEvent, JobLog, JobStage, JobState, Metric, Tenant
+from service.queue import IdempotencyConflict, IllegalTransition, JobNotFound, LeaseLost
+from tests.integration import db_fixtures
+
+# pytest finds fixtures in the module's namespace. Assignments rather than imports: a test
+# parameter named like an imported fixture would read as a redefinition to the linter.
+db_engine = db_fixtures.db_engine
+db_session = db_fixtures.db_session
+db_tenant_id = db_fixtures.db_tenant_id
+db_url = db_fixtures.db_url
+pg_empty_url = db_fixtures.pg_empty_url
+pg_url = db_fixtures.pg_url
+sqlite_empty_url = db_fixtures.sqlite_empty_url
+sqlite_url = db_fixtures.sqlite_url
+
+LEASE_S = 60
+SPEC = {"method": "bird", "epochs": 3}
+
+
+def events(session: Session, job_id: int) -> list[tuple[str, str | None, str, str | None]]:
+    """(transition, from, to, worker) of the job's events, oldest first."""
+    rows = session.execute(
+        select(JobEvent.transition, JobEvent.from_state, JobEvent.to_state, JobEvent.worker)
+        .where(JobEvent.job_id == job_id)
+        .order_by(JobEvent.id)
+    )
+    return [(t, f and str(f), str(to), w) for t, f, to, w in rows]
+
+
+def fresh(session: Session, job_id: int) -> Job:
+    """The job as the database has it now."""
+    return queue.get_job(session, job_id)
+
+
+def later(seconds: float) -> datetime:
+    return datetime.now(timezone.utc) + timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def running(db_session: Session, db_tenant_id: int) -> Job:
+    """A job claimed by worker ``w1``."""
+    job = queue.submit(db_session, db_tenant_id, SPEC)
+    claimed = queue.claim(db_session, "w1", LEASE_S)
+    assert claimed is not None and claimed.id == job.id
+    return claimed
+
+
+# --- submit ----------------------------------------------------------------------------------
+
+
+def test_submit_queues_the_job_and_records_it(db_session: Session, db_tenant_id: int) -> None:
+    job = queue.submit(db_session, db_tenant_id, SPEC, priority=3, max_attempts=5)
+    job = fresh(db_session, job.id)
+    assert (job.state, job.priority, job.max_attempts, job.attempts) == (JobState.QUEUED, 3, 5, 0)
+    assert job.spec == SPEC and job.progress == 0.0 and not job.cancel_requested
+    assert job.lease_owner is None and job.started_at is None and job.finished_at is None
+    assert events(db_session, job.id) == [("submit", None, "queued", None)]
+
+
+def test_submit_is_idempotent_per_tenant_and_key(db_session: Session, db_tenant_id: int) -> None:
+    first = queue.submit(db_session, db_tenant_id, SPEC, idempotency_key="abc")
+    again = queue.submit(db_session, db_tenant_id, dict(SPEC), idempotency_key="abc")
+    assert again.id == first.id
+    assert events(db_session, first.id) == [("submit", None, "queued", None)]
+    # Another tenant's key space is its own.
+    other = Tenant(name="other")
+    db_session.add(other)
+    db_session.commit()
+    assert queue.submit(db_session, other.id, SPEC, idempotency_key="abc").id != first.id
+    # Without a key every submit is a new job.
+    assert queue.submit(db_session, db_tenant_id, SPEC).id != first.id
+    assert db_session.scalar(select(func.count()).select_from(Job)) == 3
+
+
+def test_reusing_an_idempotency_key_for_another_spec_is_refused(
+    db_session: Session, db_tenant_id: int
+) -> None:
+    queue.submit(db_session, db_tenant_id, SPEC, idempotency_key="abc")
+    with pytest.raises(IdempotencyConflict, match="abc"):
+        queue.submit(db_session, db_tenant_id, {"method": "mfd"}, idempotency_key="abc")
+
+
+def test_racing_idempotent_submits_create_one_job(db_engine: Engine, db_tenant_id: int) -> None:
+    factory = session_factory(db_engine)
+    barrier = threading.Barrier(4)
+    ids: list[int] = []
+    errors: list[BaseException] = []
+
+    def submit() -> None:
+        try:
+            with factory() as session:
+                barrier.wait()
+                ids.append(queue.submit(session, db_tenant_id, SPEC, idempotency_key="k").id)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=submit) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(ids) == 4 and len(set(ids)) == 1
+    with factory() as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 1
+
+
+def test_submit_validates_its_arguments(db_session: Session, db_tenant_id: int) -> None:
+    with pytest.raises(ValueError, match="max_attempts"):
+        queue.submit(db_session, db_tenant_id, SPEC, max_attempts=0)
+    with pytest.raises(TypeError, match="mapping"):
+        queue.submit(db_session, db_tenant_id, ["not", "a", "dict"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        queue.submit(db_session, db_tenant_id, {"lr": float("nan")})
+    assert db_session.scalar(select(func.count()).select_from(Job)) == 0
+
+
+# --- claim -----------------------------------------------------------------------------------
+
+
+def test_claim_takes_the_highest_priority_then_the_oldest(
+    db_session: Session, db_tenant_id: int
+) -> None:
+    low_old = queue.submit(db_session, db_tenant_id, {"n": 1}, priority=0).id
+    high_old = queue.submit(db_session, db_tenant_id, {"n": 2}, priority=5).id
+    low_new = queue.submit(db_session, db_tenant_id, {"n": 3}, priority=0).id
+    high_new = queue.submit(db_session, db_tenant_id, {"n": 4}, priority=5).id
+    negative = queue.submit(db_session, db_tenant_id, {"n": 5}, priority=-1).id
+    order = [queue.claim(db_session, "w", LEASE_S).id for _ in range(5)]
+    assert order == [high_old, high_new, low_old, low_new, negative]
+    assert queue.claim(db_session, "w", LEASE_S) is None
+
+
+def test_claim_breaks_equal_timestamps_by_id(db_session: Session, db_tenant_id: int) -> None:
+    at = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    ids = [
+        db_session.scalar(
+            insert(Job)
+            .values(tenant_id=db_tenant_id, spec={}, created_at=at, updated_at=at)
+            .returning(Job.id)
+        )
+        for _ in range(3)
+    ]
+    db_session.commit()
+    assert [queue.claim(db_session, "w", LEASE_S).id for _ in range(3)] == ids
+
+
+def test_claim_leases_the_job_and_counts_the_attempt(
+    db_session: Session, db_tenant_id: int
+) -> None:
+    job = queue.submit(db_session, db_tenant_id, SPEC)
+    before = datetime.now(timezone.utc)
+    claimed = queue.claim(db_session, "worker-a", LEASE_S)
+    assert claimed.id == job.id
+    job = fresh(db_session, job.id)
+    assert job.state == JobState.RUNNING and job.attempts == 1
+    assert job.lease_owner == "worker-a"
+    assert before - timedelta(seconds=2) <= job.started_at <= later(2)
+    expected = job.started_at + timedelta(seconds=LEASE_S)
+    assert abs(job.lease_expires_at - expected) < timedelta(seconds=1)
+    assert events(db_session, job.id)[-1] == ("claim", "queued", "running", "worker-a")
+
+
+def test_claim_accepts_an_engine(db_engine: Engine, db_tenant_id: int) -> None:
+    with session_factory(db_engine)() as session:
+        job_id = queue.submit(session, db_tenant_id, SPEC).id
+    claimed = queue.claim(db_engine, "w", LEASE_S)
+    assert claimed.id == job_id and claimed.state == JobState.RUNNING  # detached, loaded
+    assert queue.claim(db_engine, "w", LEASE_S) is None
+
+
+def test_claim_skips_jobs_that_are_not_queued(db_session: Session, db_tenant_id: int) -> None:
+    cancelled = queue.submit(db_session, db_tenant_id, SPEC)
+    queue.cancel(db_session, cancelled.id, db_tenant_id)
+    assert queue.claim(db_session, "w", LEASE_S) is None
+
+
+# --- heartbeat -------------------------------------------------------------------------------
+
+
+def test_heartbeat_renews_the_lease_and_reports_progress(db_session: Session, running: Job) -> None:
+    first_expiry = fresh(db_session, running.id).lease_expires_at
+    time.sleep(0.01)
+    assert queue.heartbeat(db_session, running.id, "w1", LEASE_S, progress=0.25) is False
+    job = fresh(db_session, running.id)
+    assert job.lease_expires_at > first_expiry and job.progress == 0.25
+    assert queue.heartbeat(db_session, running.id, "w1", 600, stage="training") is False
+    job = fresh(db_session, running.id)
+    assert job.stage == JobStage.TRAINING
+    assert job.lease_expires_at > later(500)
+    # A repeated stage is not a change: one event for the stage, none for plain renewals.
+    queue.heartbeat(db_session, running.id, "w1", LEASE_S, stage=JobStage.TRAINING)
+    queue.heartbeat(db_session, running.id, "w1", LEASE_S, stage="evaluating")
+    assert events(db_session, running.id)[2:] == [
+        ("heartbeat", "running", "running", "w1"),
+        ("heartbeat", "running", "running", "w1"),
+    ]
+    messages = db_session.scalars(
+        select(JobEvent.message)
+        .where(JobEvent.job_id == running.id, JobEvent.transition == "heartbeat")
+        .order_by(JobEvent.id)
+    ).all()
+    assert messages == ["stage - -> training", "stage training -> evaluating"]
+
+
+def test_heartbeat_validates_progress_and_stage(db_session: Session, running: Job) -> None:
+    with pytest.raises(ValueError, match="progress"):
+        queue.heartbeat(db_session, running.id, "w1", LEASE_S, progress=1.5)
+    with pytest.raises(ValueError):
+        queue.heartbeat(db_session, running.id, "w1", LEASE_S, stage="sleeping")
+    with pytest.raises(ValueError, match="lease_s"):
+        queue.heartbeat(db_session, running.id, "w1", 0)
+    assert fresh(db_session, running.id).progress == 0.0
+
+
+def test_heartbeat_from_a_worker_without_the_lease_raises(
+    db_session: Session, running: Job
+) -> None:
+    with pytest.raises(LeaseLost, match=r"job \d+ is running: cannot heartbeat") as raised:
+        queue.heartbeat(db_session, running.id, "intruder", LEASE_S)
+    assert (raised.value.worker, raised.value.owner) == ("intruder", "w1")
+    assert isinstance(raised.value, IllegalTransition)
+    assert fresh(db_session, running.id).lease_owner == "w1"
+
+
+def test_heartbeat_of_an_unknown_job_raises(db_session: Session) -> None:
+    with pytest.raises(JobNotFound):
+        queue.heartbeat(db_session, 12345, "w1", LEASE_S)
+
+
+# --- finish, fail, retry ----------------------------------------------------------------------
+
+
+def test_finish_succeeds_the_job(db_session: Session, running: Job) -> None:
+    job = queue.finish(db_session, running.id, "w1")
+    assert job.state == JobState.SUCCEEDED and job.progress == 1.0
+    job = fresh(db_session, running.id)
+    assert job.state == JobState.SUCCEEDED and job.finished_at is not None
+    assert job.lease_owner is None and job.lease_expires_at is None
+    assert events(db_session, job.id)[-1] == ("finish", "running", "succeeded", "w1")
+
+
+def test_fail_records_the_reason(db_session: Session, running: Job) -> None:
+    queue.fail(db_session, running.id, "w1", "dataset shard 3 is corrupt")
+    job = fresh(db_session, running.id)
+    assert job.state == JobState.FAILED and job.error == "dataset shard 3 is corrupt"
+    assert job.finished_at is not None and job.lease_owner is None
+    assert events(db_session, job.id)[-1] == ("fail", "running", "failed", "w1")
+    message = db_session.scalars(
+        select(JobEvent.message).where(JobEvent.job_id == job.id).order_by(JobEvent.id.desc())
+    ).first()
+    assert message == "dataset shard 3 is corrupt"
+
+
+def test_retry_requeues_and_keeps_the_attempt_count(db_session: Session, running: Job) -> None:
+    queue.heartbeat(db_session, running.id, "w1", LEASE_S, stage="training")
+    queue.retry(db_session, running.id, "w1", "worker shutting down")
+    job = fresh(db_session, running.id)
+    assert (job.state, job.attempts, job.lease_owner, job.stage) == (JobState.QUEUED, 1, None, None)
+    assert events(db_session, job.id)[-1] == ("retry", "running", "queued", "w1")
+    again = queue.claim(db_session, "w2", LEASE_S)
+    assert again.id == job.id and again.attempts == 2 and again.lease_owner == "w2"
+    assert again.started_at == job.started_at  # the first start is kept
+
+
+# --- cancel -----------------------------------------------------------------------------------
+
+
+def test_cancel_a_queued_job_cancels_it_at_once(db_session: Session, db_tenant_id: int) -> None:
+    job = queue.submit(db_session, db_tenant_id, SPEC)
+    cancelled = queue.cancel(db_session, job.id, db_tenant_id)
+    assert cancelled.state == JobState.CANCELLED and cancelled.cancel_requested
+    assert fresh(db_session, job.id).finished_at is not None
+    assert events(db_session, job.id)[-1] == ("cancel", "queued", "cancelled", None)
+
+
+def test_cancel_a_running_job_asks_its_worker_to_stop(
+    db_session: Session, running: Job, db_tenant_id: int
+) -> None:
+    job = queue.cancel(db_session, running.id, db_tenant_id)
+    assert job.state == JobState.CANCELLING and job.cancel_requested
+    assert events(db_session, job.id)[-1] == ("cancel", "running", "cancelling", None)
+    # Cancelling again changes nothing and records nothing.
+    assert queue.cancel(db_session, running.id, db_tenant_id).state == JobState.CANCELLING
+    assert len(events(db_session, job.id)) == 3
+    # The worker hears it in its next heartbeat (which still renews the lease) and stops.
+    assert queue.heartbeat(db_session, running.id, "w1", LEASE_S, progress=0.5) is True
+    done = queue.finish_cancelled(db_session, running.id, "w1")
+    assert done.state == JobState.CANCELLED and done.lease_owner is None
+    assert done.finished_at is not None
+    assert events(db_session, job.id)[-1] == ("finish_cancelled", "cancelling", "cancelled", "w1")
+
+
+def test_a_cancelling_job_that_finishes_anyway_is_cancelled(
+    db_session: Session, running: Job, db_tenant_id: int
+) -> None:
+    queue.cancel(db_session, running.id, db_tenant_id)
+    job = queue.finish(db_session, running.id, "w1")
+    assert job.state == JobState.CANCELLED
+    assert events(db_session, job.id)[-1] == ("finish", "cancelling", "cancelled", "w1")
+
+
+def test_a_cancelling_job_given_back_is_cancelled_not_requeued(
+    db_session: Session, running: Job, db_tenant_id: int
+) -> None:
+    queue.cancel(db_session, running.id, db_tenant_id)
+    assert queue.retry(db_session, running.id, "w1").state == JobState.CANCELLED
+    assert queue.claim(db_session, "w2", LEASE_S) is None
+
+
+def test_cancel_is_scoped_to_the_tenant(db_session: Session, db_tenant_id: int) -> None:
+    job = queue.submit(db_session, db_tenant_id, SPEC)
+    other = Tenant(name="other")
+    db_session.add(other)
+    db_session.commit()
+    with pytest.raises(JobNotFound):
+        queue.cancel(db_session, job.id, other.id)
+    assert fresh(db_session, job.id).state == JobState.QUEUED
+
+
+# --- illegal transitions ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setup", "attempt", "error", "pattern"),
+    [
+        ("queued", "finish", LeaseLost, "is queued: cannot finish"),
+        ("queued", "fail", LeaseLost, "is queued: cannot fail"),
+        ("queued", "finish_cancelled", LeaseLost, "is queued: cannot finish_cancelled"),
+        ("running", "finish_cancelled", IllegalTransition, "is running: cannot finish_cancelled"),
+        ("running", "finish_other", LeaseLost, "is running: cannot finish"),
+        ("running", "retry_other", LeaseLost, "is running: cannot retry"),
+        ("succeeded", "cancel", IllegalTransition, "is succeeded: cannot cancel"),
+        ("succeeded", "finish", LeaseLost, "is succeeded: cannot finish"),
+        ("failed", "cancel", IllegalTransition, "is failed: cannot cancel"),
+        ("cancelled", "cancel", IllegalTransition, "is cancelled: cannot cancel"),
+        ("cancelled", "heartbeat", LeaseLost, "is cancelled: cannot heartbeat"),
+    ],
+)
+def test_illegal_transitions_raise_and_change_nothing(
+    db_session: Session,
+    db_tenant_id: int,
+    setup: str,
+    attempt: str,
+    error: type[Exception],
+    pattern: str,
+) -> None:
+    job = queue.submit(db_session, db_tenant_id, SPEC)
+    if setup != "queued":
+        queue.claim(db_session, "w1", LEASE_S)
+    if setup == "succeeded":
+        queue.finish(db_session, job.id, "w1")
+    elif setup == "failed":
+        queue.fail(db_session, job.id, "w1", "boom")
+    elif setup == "cancelled":
+        queue.cancel(db_session, job.id, db_tenant_id)
+        queue.finish_cancelled(db_session, job.id, "w1")
+    before = (fresh(db_session, job.id).state, len(events(db_session, job.id)))
+
+    actions = {
+        "finish": lambda: queue.finish(db_session, job.id, "w1"),
+        "fail": lambda: queue.fail(db_session, job.id, "w1", "x"),
+        "finish_cancelled": lambda: queue.finish_cancelled(db_session, job.id, "w1"),
+        "finish_other": lambda: queue.finish(db_session, job.id, "w2"),
+        "retry_other": lambda: queue.retry(db_session, job.id, "w2"),
+        "cancel": lambda: queue.cancel(db_session, job.id, db_tenant_id),
+        "heartbeat": lambda: queue.heartbeat(db_session, job.id, "w1", LEASE_S),
+    }
+    with pytest.raises(error, match=rf"job {job.id} {pattern}") as raised:
+        actions[attempt]()
+    assert isinstance(raised.value, IllegalTransition) and isinstance(raised.value, ValueError)
+    assert raised.value.job_id == job.id and str(raised.value.state) == setup
+    assert (fresh(db_session, job.id).state, len(events(db_session, job.id))) == before
+
+
+def test_the_transition_table_is_closed() -> None:
+    legal = {(name, state) for name, table in queue.TRANSITIONS.items() for state in table}
+    for name, state in itertools.product(queue.TRANSITIONS, JobState):
+        if (name, state) in legal:
+            assert queue.target_state(name, state) == queue.TRANSITIONS[name][state]
+        else:
+            with pytest.raises(IllegalTransition):
+                queue.target_state(name, state)
+    # Terminal states have no way out.
+    for state in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED):
+        assert not any(state in table for table in queue.TRANSITIONS.values())
+    with pytest.raises(ValueError, match="unknown transition"):
+        queue.target_state("resurrect", JobState.FAILED)
+
+
+# --- the reaper -------------------------------------------------------------------------------
+
+
+def test_reap_requeues_expired_jobs_then_fails_them_after_max_attempts(
+    db_session: Session, db_tenant_id: int
+) -> None:
+    job = queue.submit(db_session, db_tenant_id, SPEC, max_attempts=2)
+    assert queue.claim(db_session, "w1", LEASE_S).attempts == 1
+    assert queue.reap(db_session) == []  # the lease is live
+    assert queue.reap(db_session, now=later(LEASE_S + 1)) == [job.id]
+    requeued = fresh(db_session, job.id)
+    assert (requeued.state, requeued.attempts, requeued.lease_owner) == (JobState.QUEUED, 1, None)
+    assert requeued.lease_expires_at is None and requeued.error is None
+
+    # The old worker lost the job: it must stop, whatever it tries.
+    with pytest.raises(LeaseLost):
+        queue.heartbeat(db_session, job.id, "w1", LEASE_S)
+    again = queue.claim(db_session, "w2", LEASE_S)
+    assert again.id == job.id and again.attempts == 2
+    with pytest.raises(LeaseLost, match="held by 'w2'"):
+        queue.finish(db_session, job.id, "w1")
+
+    assert queue.reap(db_session, now=later(LEASE_S + 1)) == [job.id]
+    failed = fresh(db_session, job.id)
+    assert failed.state == JobState.FAILED
+    assert failed.error == "lease expired after 2 attempts (last worker w2)"
+    assert failed.finished_at is not None and failed.lease_owner is None
+    assert queue.claim(db_session, "w3", LEASE_S) is None
+    assert [e[0] for e in events(db_session, job.id)] == [
+        "submit",
+        "claim",
+        "reap_requeue",
+        "claim",
+        "reap_fail",
+    ]
+    assert events(db_session, job.id)[-1] == ("reap_fail", "running", "failed", "w2")
+
+
+def test_reap_uses_the_database_clock_by_default(db_session: Session, db_tenant_id: int) -> None:
+    job = queue.submit(db_session, db_tenant_id, SPEC)
+    queue.claim(db_session, "w1", 0.05)
+    time.sleep(0.2)
+    assert queue.reap(db_session) == [job.id]
+    assert fresh(db_session, job.id).state == JobState.QUEUED
+
+
+def test_a_heartbeat_keeps_the_reaper_away(db_session: Session, running: Job) -> None:
+    queue.heartbeat(db_session, running.id, "w1", 3600)
+    assert queue.reap(db_session, now=later(LEASE_S + 1)) == []
+    assert fresh(db_session, running.id).state == JobState.RUNNING
+
+
+def test_reap_cancels_an_expired_cancelling_job(
+    db_session: Session, running: Job, db_tenant_id: int
+) -> None:
+    queue.cancel(db_session, running.id, db_tenant_id)
+    assert queue.reap(db_session, now=later(LEASE_S + 1)) == [running.id]
+    job = fresh(db_session, running.id)
+    assert job.state == JobState.CANCELLED and job.lease_owner is None
+    assert events(db_session, job.id)[-1] == ("reap_cancel", "cancelling", "cancelled", "w1")
+
+
+def test_reap_touches_only_expired_active_jobs(db_session: Session, db_tenant_id: int) -> None:
+    queued = queue.submit(db_session, db_tenant_id, {"n": 0}).id
+    short = queue.submit(db_session, db_tenant_id, {"n": 1}, priority=2).id
+    long = queue.submit(db_session, db_tenant_id, {"n": 2}, priority=1).id
+    queue.claim(db_session, "w-short", 10)
+    queue.claim(db_session, "w-long", 1000)
+    assert queue.reap(db_session, now=later(100)) == [short]
+    assert fresh(db_session, long).state == JobState.RUNNING
+    assert fresh(db_session, queued).state == JobState.QUEUED
+
+
+# --- what workers record ----------------------------------------------------------------------
+
+
+def test_record_metrics(db_session: Session, running: Job) -> None:
+    rows = [
+        {"split": "train", "name": "loss", "value": 0.7, "epoch": 0, "step": 10},
+        {"split": "val", "name": "auroc", "value": 91.5, "epoch": 0, "trial": 2},
+        {"split": "train", "name": "loss", "value": float("nan"), "epoch": 1, "step": 20},
+    ]
+    assert queue.record_metrics(db_session, running.id, rows) == 3
+    assert queue.record_metrics(db_session, running.id, []) == 0
+    stored = db_session.execute(
+        select(Metric.split, Metric.name, Metric.value, Metric.epoch, Metric.step, Metric.trial)
+        .where(Metric.job_id == running.id)
+        .order_by(Metric.id)
+    ).all()
+    assert stored == [
+        ("train", "loss", 0.7, 0, 10, None),
+        ("val", "auroc", 91.5, 0, None, 2),
+        ("train", "loss", None, 1, 20, None),  # NaN is stored as NULL
+    ]
+    with pytest.raises(ValueError, match="missing"):
+        queue.record_metrics(db_session, running.id, [{"name": "loss", "value": 1.0}])
+    with pytest.raises(ValueError, match="number"):
+        queue.record_metrics(db_session, running.id, [{"split": "a", "name": "b", "value": "x"}])
+
+
+def test_append_log(db_session: Session, running: Job) -> None:
+    queue.append_log(db_session, running.id, "INFO", "precomputing teacher features")
+    line = queue.append_log(db_session, running.id, "warning", "shard 2 retried")
+    assert line.at.tzinfo is not None
+    lines = db_session.execute(
+        select(JobLog.level, JobLog.message).where(JobLog.job_id == running.id).order_by(JobLog.id)
+    ).all()
+    assert lines == [("info", "precomputing teacher features"), ("warning", "shard 2 retried")]
+    with pytest.raises(ValueError, match="log level"):
+        queue.append_log(db_session, running.id, "loud", "x")
+
+
+def test_add_checkpoint_replaces_a_checkpoint_of_the_same_name(
+    db_session: Session, running: Job
+) -> None:
+    first = queue.add_checkpoint(
+        db_session, running.id, "best", "s3://b/jobs/1/best-0", size=10, sha256="a" * 64
+    )
+    queue.add_checkpoint(db_session, running.id, "last", "s3://b/last", size=5, sha256="c" * 64)
+    second = queue.add_checkpoint(
+        db_session, running.id, "best", "s3://b/jobs/1/best-1", size=12, sha256="b" * 64
+    )
+    assert second.id == first.id and second.uri.endswith("best-1") and second.size == 12
+    names = db_session.execute(
+        select(Checkpoint.name, Checkpoint.sha256)
+        .where(Checkpoint.job_id == running.id)
+        .order_by(Checkpoint.name)
+    ).all()
+    assert names == [("best", "b" * 64), ("last", "c" * 64)]
+    with pytest.raises(ValueError, match="sha256"):
+        queue.add_checkpoint(db_session, running.id, "x", "u", size=1, sha256="XYZ")
+
+
+def test_upsert_trial(db_session: Session, running: Job) -> None:
+    created = queue.upsert_trial(
+        db_session, running.id, 0, state="running", params={"phi_lr": 10.0, "gamma": 5}
+    )
+    assert (created.metrics, created.checkpoint_uri) == ({}, None)
+    queue.upsert_trial(db_session, running.id, 1, state="running", params={"phi_lr": 100.0})
+    updated = queue.upsert_trial(
+        db_session,
+        running.id,
+        0,
+        state="terminated",
+        metrics={"auroc": 92.0, "mean_deo": float("nan")},
+        checkpoint_uri="s3://b/trial-0",
+    )
+    assert updated.id == created.id
+    assert updated.params == {"phi_lr": 10.0, "gamma": 5}  # kept: not given
+    assert updated.metrics == {"auroc": 92.0, "mean_deo": None}
+    # A later update without a checkpoint keeps the recorded one.
+    kept = queue.upsert_trial(db_session, running.id, 0, state="done")
+    assert kept.checkpoint_uri == "s3://b/trial-0" and kept.state == "done"
+
+
+# --- exactly-once claims under concurrency ----------------------------------------------------
+
+
+def _claim_until_empty(
+    engine: Engine, worker: str, barrier: threading.Barrier, claimed: list[int]
+) -> None:
+    with session_factory(engine)() as session:
+        barrier.wait()
+        while (job := queue.claim(session, worker, LEASE_S)) is not None:
+            claimed.append(job.id)
+            queue.finish(session, job.id, worker)
+
+
+@pytest.mark.parametrize(
+    ("backend", "jobs", "workers"), [("postgresql", 1000, 8), ("sqlite", 200, 4)]
+)
+def test_concurrent_claims_take_every_job_exactly_once(
+    backend: str, jobs: int, workers: int, request: pytest.FixtureRequest
+) -> None:
+    url = request.getfixturevalue("pg_url" if backend == "postgresql" else "sqlite_url")
+    engine = make_engine(url, pool_size=workers + 1)
+    try:
+        factory = session_factory(engine)
+        with factory() as session:
+            tenant = Tenant(name="load")
+            session.add(tenant)
+            session.commit()
+            # Bulk insert: the test is about claiming; submit() is tested above.
+            start = datetime.now(timezone.utc)
+            session.execute(
+                insert(Job),
+                [
+                    {
+                        "tenant_id": tenant.id,
+                        "spec": {"n": n},
+                        "priority": n % 3,
+                        "created_at": start + timedelta(microseconds=n),
+                        "updated_at": start,
+                    }
+                    for n in range(jobs)
+                ],
+            )
+            session.commit()
+            all_ids = set(session.scalars(select(Job.id)))
+        assert len(all_ids) == jobs
+
+        barrier = threading.Barrier(workers + 1)
+        per_worker: list[list[int]] = [[] for _ in range(workers)]
+        errors: list[BaseException] = []
+
+        def work(index: int) -> None:
+            try:
+                _claim_until_empty(engine, f"w{index}", barrier, per_worker[index])
+            except BaseException as error:
+                errors.append(error)
+                barrier.abort()
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(workers)]
+        for thread in threads:
+            thread.start()
+        barrier.wait()
+        began = time.perf_counter()
+        for thread in threads:
+            thread.join(timeout=120)
+        elapsed = time.perf_counter() - began
+        assert errors == [], errors
+        assert not any(thread.is_alive() for thread in threads)
+
+        claimed = [job_id for ids in per_worker for job_id in ids]
+        assert len(claimed) == jobs and set(claimed) == all_ids
+        with factory() as session:
+            claim_events = Counter(
+                session.scalars(select(JobEvent.job_id).where(JobEvent.transition == "claim"))
+            )
+            assert set(claim_events) == all_ids and set(claim_events.values()) == {1}
+            states = Counter(session.scalars(select(Job.state)))
+            assert states == {JobState.SUCCEEDED: jobs}
+            assert set(session.scalars(select(Job.attempts))) == {1}
+        rate = jobs / elapsed
+        request.node.user_properties.append(("claim_finish_per_s", rate))
+        print(
+            f"\n{backend}: {jobs} jobs, {workers} threads, {elapsed:.2f} s, "
+            f"{rate:.0f} claim+finish cycles/s, per worker {[len(ids) for ids in per_worker]}"
+        )
+    finally:
+        engine.dispose()
