@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
+
+if TYPE_CHECKING:
+    from service.storage import ObjectStore
 
 app = typer.Typer(
     help="bird: fair knowledge distillation (BIRD and published baselines).",
@@ -90,6 +93,203 @@ def list_methods() -> None:
 
     for name in available_methods():
         typer.echo(f"{name}: {json.dumps(method_options(name))}")
+
+
+# --------------------------------------------------------------------------------------------
+# bird datasets: prepare / validate / describe datasets in the bird format
+# --------------------------------------------------------------------------------------------
+
+datasets_app = typer.Typer(
+    help="Prepare, validate and describe datasets in the bird format (Parquet + manifest).",
+    no_args_is_help=True,
+)
+app.add_typer(datasets_app, name="datasets")
+
+# Converters by name, and the options each accepts beyond --out/--seed.
+_PREPARE_OPTIONS: dict[str, frozenset[str]] = {
+    "fashion-mnist-s": frozenset({"skew", "train_size", "test_size", "root"}),
+    "adult": frozenset({"train_size", "root"}),
+    "cifar10-s": frozenset({"root", "skew", "train_size", "val_size", "test_size"}),
+    "celeba": frozenset(
+        {
+            "root",
+            "train_size",
+            "val_size",
+            "test_size",
+            "attributes",
+            "group_attribute",
+            "image_size",
+        }
+    ),
+}
+_NEEDS_ROOT = frozenset({"cifar10-s", "celeba"})
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    """Print ``error: <message>`` as one line on stderr and exit with ``code``."""
+    typer.echo(f"error: {' '.join(str(message).split())}", err=True)
+    raise typer.Exit(code)
+
+
+def _open_uri(uri: str) -> tuple[ObjectStore, str]:
+    """The store at ``uri`` (S3 endpoint and credentials from the BIRD_* environment) and the
+    dataset's prefix inside it (the store root: the URI names the dataset itself)."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+    from service.storage import StorageError, open_store
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        fields = ", ".join(".".join(str(p) for p in err["loc"]) for err in exc.errors())
+        _fail(f"invalid BIRD_* settings ({fields}): {exc.errors()[0]['msg']}", 2)
+    try:
+        return open_store(uri, settings), ""
+    except StorageError as exc:
+        _fail(str(exc), 2)
+
+
+@datasets_app.command("prepare")
+def datasets_prepare(
+    name: Annotated[
+        str, typer.Argument(help="fashion-mnist-s, adult, cifar10-s or celeba.", show_default=False)
+    ],
+    out: Annotated[
+        str, typer.Option(help="Where to write: s3://bucket/prefix or a local directory.")
+    ],
+    root: Annotated[
+        Path | None,
+        typer.Option(
+            help="Local source root (required for cifar10-s and celeba).", show_default=False
+        ),
+    ] = None,
+    skew: Annotated[
+        float | None, typer.Option(help="Majority-group share per class (default 0.95).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed for splits, subsamples and versions.", min=0)] = 0,
+    train_size: Annotated[
+        int | None, typer.Option(help="Subsample the train split.", min=1)
+    ] = None,
+    val_size: Annotated[
+        int | None, typer.Option(help="Subsample the val split (cifar10-s, celeba).", min=1)
+    ] = None,
+    test_size: Annotated[int | None, typer.Option(help="Subsample the test split.", min=1)] = None,
+    attributes: Annotated[
+        str | None,
+        typer.Option(help="celeba: comma-separated label attribute(s) (default Blond_Hair)."),
+    ] = None,
+    group_attribute: Annotated[
+        str | None, typer.Option(help="celeba: the sensitive attribute (default Male).")
+    ] = None,
+    image_size: Annotated[
+        int | None, typer.Option(help="celeba: image side in pixels (default 64).", min=8)
+    ] = None,
+) -> None:
+    """Convert a dataset to the bird format and publish it at --out (manifest written last)."""
+    key = name.strip().lower().replace("_", "-")
+    if key not in _PREPARE_OPTIONS:
+        _fail(f"unknown dataset {name!r}; choose one of: {', '.join(_PREPARE_OPTIONS)}", 2)
+    given = {
+        "root": root,
+        "skew": skew,
+        "train_size": train_size,
+        "val_size": val_size,
+        "test_size": test_size,
+        "attributes": attributes,
+        "group_attribute": group_attribute,
+        "image_size": image_size,
+    }
+    unsupported = [k for k, v in given.items() if v is not None and k not in _PREPARE_OPTIONS[key]]
+    if unsupported:
+        flags = ", ".join("--" + k.replace("_", "-") for k in unsupported)
+        _fail(f"{key} does not take {flags}", 2)
+    if key in _NEEDS_ROOT:
+        if root is None:
+            _fail(f"{key} needs --root, the local torchvision-format {key.split('-')[0]} folder", 2)
+        if not root.is_dir():
+            _fail(f"--root {root} does not exist or is not a directory", 2)
+
+    from service.storage import StorageError
+
+    store, prefix = _open_uri(out)
+    try:
+        # Fail before the (possibly long) conversion if the destination is unusable.
+        store.ping()
+    except StorageError as exc:
+        _fail(str(exc), 1)
+
+    from workers import converters  # torch: imported only when a conversion runs
+
+    options = {k: v for k, v in given.items() if v is not None and k != "root"}
+    if "attributes" in options:
+        options["attributes"] = _split_csv(options["attributes"])
+    try:
+        if key in _NEEDS_ROOT:
+            # Check the layout first, so a wrong root fails in milliseconds with the file named.
+            check = (
+                converters.check_cifar10_root
+                if key == "cifar10-s"
+                else converters.check_celeba_root
+            )
+            check(root)
+            convert = (
+                converters.prepare_cifar10_s if key == "cifar10-s" else converters.prepare_celeba
+            )
+            manifest = convert(root, store, prefix, seed=seed, **options)
+        elif key == "fashion-mnist-s":
+            if root is not None:
+                options["root"] = root
+            manifest = converters.prepare_fashion_mnist_s(store, prefix, seed=seed, **options)
+        else:
+            if root is not None:
+                options["root"] = root
+            manifest = converters.prepare_adult(store, prefix, seed=seed, **options)
+    except StorageError as exc:
+        _fail(str(exc), 1)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc), 2)
+    counts = manifest.metadata.get("counts", {})
+    rows = ", ".join(f"{split} {n}" for split, n in counts.items())
+    typer.echo(f"wrote {key} to {store.uri(prefix)}: {rows} rows in {len(manifest.files)} part(s)")
+
+
+@datasets_app.command("validate")
+def datasets_validate(
+    uri: Annotated[str, typer.Argument(help="s3://bucket/prefix or a local directory.")],
+    max_images: Annotated[
+        int, typer.Option(help="Images decoded per split at most.", min=0)
+    ] = 2000,
+) -> None:
+    """Check a dataset against the format: exit 0 and 'OK: ...', or exit 1 listing the problems."""
+    from service.datasets import validate_dataset
+    from service.storage import StorageError
+
+    store, prefix = _open_uri(uri)
+    try:
+        report = validate_dataset(store, prefix, max_images_per_split=max_images)
+    except StorageError as exc:
+        _fail(str(exc), 1)
+    typer.echo(report.summary())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@datasets_app.command("describe")
+def datasets_describe(
+    uri: Annotated[str, typer.Argument(help="s3://bucket/prefix or a local directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the counts as JSON.")] = False,
+) -> None:
+    """Print the rows per split × class × group, with each class's majority-group share."""
+    from service.datasets import describe_dataset, render_description
+    from service.storage import StorageError
+
+    store, prefix = _open_uri(uri)
+    try:
+        description = describe_dataset(store, prefix)
+    except StorageError as exc:
+        _fail(str(exc), 1)
+    typer.echo(json.dumps(description, indent=2) if as_json else render_description(description))
 
 
 if __name__ == "__main__":

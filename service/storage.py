@@ -212,6 +212,14 @@ class ObjectStore(ABC):
         """Store ``data`` under ``key``, replacing any existing object atomically."""
 
     @abstractmethod
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Create ``key`` with ``data`` only if no object exists there; True if created.
+
+        Atomic against concurrent writers (S3 ``If-None-Match: *``; a hard link locally), so it
+        serves as a lock or a first-writer-wins marker.
+        """
+
+    @abstractmethod
     def put_file(self, key: str, path: Path | str) -> None:
         """Upload the local file ``path`` to ``key``, streaming (multipart on S3)."""
 
@@ -353,6 +361,27 @@ class LocalStore(ObjectStore):
     def put_bytes(self, key: str, data: bytes) -> None:
         """Store ``data`` under ``key`` atomically."""
         self._write_atomic(key, lambda handle: handle.write(data))
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Write a complete temporary file, then hard-link it into place (fails if present)."""
+        path = self._path(key)
+        uri = self.uri(key)
+        with self._errors(uri):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                try:
+                    os.link(tmp_name, path)
+                except FileExistsError:
+                    return False
+                return True
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp_name)
 
     def put_file(self, key: str, path: Path | str) -> None:
         """Copy the local file ``path`` to ``key`` (streamed) atomically."""
@@ -700,6 +729,20 @@ class S3Store(ObjectStore):
         with self._errors(self.uri(key)):
             self.client.put_object(Bucket=self.bucket, Key=full, Body=data)
 
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """PutObject with ``If-None-Match: *``; a 412 means another writer was first."""
+        full = self._full_key(key)
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*")
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code"))
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return False
+            self._raise(exc, self.uri(key))
+        except (BotoCoreError, Boto3Error) as exc:
+            self._raise(exc, self.uri(key))
+        return True
+
     def put_file(self, key: str, path: Path | str) -> None:
         """Upload ``path`` with boto3's transfer manager (multipart above the threshold)."""
         full = self._full_key(key)
@@ -893,6 +936,10 @@ class ScopedStore(ObjectStore):
     def put_bytes(self, key: str, data: bytes) -> None:
         """Store ``data`` under ``prefix/key``."""
         self.inner.put_bytes(self._key(key), data)
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Create ``prefix/key`` only if absent."""
+        return self.inner.put_if_absent(self._key(key), data)
 
     def put_file(self, key: str, path: Path | str) -> None:
         """Upload ``path`` to ``prefix/key``."""

@@ -1,0 +1,124 @@
+"""Teacher features precomputed once with Ray Data into a real S3 endpoint, and reused."""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from bird_core.data import load_fashion_mnist_s
+from service.storage import ChecksumMismatchError, ObjectStore, S3Store, join_key
+from workers import features as features_module
+from workers.converters import prepare_fashion_mnist_s
+from workers.datasets import load_splits
+from workers.features import (
+    FEATURES_PREFIX,
+    find_features,
+    load_feature_table,
+    precompute_features,
+    verify_features,
+)
+from workers.teachers import TeacherSource
+
+SIZES = {"train_size": 120, "test_size": 20, "val_fraction": 0.005, "seed": 3}
+TEACHER = TeacherSource(kind="efficientnet_lite0_probe", num_classes=10, image_size=32)
+
+
+def _prepare(store: ObjectStore) -> dict:
+    prepare_fashion_mnist_s(store, "datasets/fm", **SIZES)
+    return load_splits(store, "datasets/fm").preprocessing
+
+
+def _precompute(store: ObjectStore, preprocessing: dict, **kwargs):
+    return precompute_features(
+        store,
+        "datasets/fm",
+        TEACHER,
+        dataset_preprocessing=preprocessing,
+        batch_size=64,
+        probe_epochs=3,
+        **kwargs,
+    )
+
+
+def test_efficientnet_features_in_s3_match_the_source_rows(ray_local, s3_store: S3Store):
+    preprocessing = _prepare(s3_store)
+    feats = _precompute(s3_store, preprocessing)
+
+    verify_features(s3_store, feats)  # every shard's sha256 against the manifest
+    assert s3_store.exists(join_key(feats.prefix, "manifest.json"))
+    table = load_feature_table(s3_store, feats).sort_by("id")
+    source = load_fashion_mnist_s(**SIZES)
+    expected_label = np.concatenate([source.train.label, source.val.label, source.test.label])
+    expected_group = np.concatenate([source.train.group, source.val.group, source.test.group])
+    assert table.num_rows == len(expected_label)
+    np.testing.assert_array_equal(table.column("label").to_numpy(), expected_label)
+    np.testing.assert_array_equal(table.column("group").to_numpy(), expected_group)
+    assert feats.metadata["dims"] == {"embedding": 1280, "logits": 10}
+    assert feats.metadata["counts"]["train"] == len(source.train)
+    embedding = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    assert np.isfinite(embedding).all() and embedding.std() > 0
+
+
+def test_second_request_reuses_shards_without_running_the_teacher(
+    ray_local, s3_store: S3Store, monkeypatch: pytest.MonkeyPatch
+):
+    preprocessing = _prepare(s3_store)
+    first = _precompute(s3_store, preprocessing)
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher ran although the features were cached")
+
+    monkeypatch.setattr(features_module, "_compute_and_publish", no_teacher)
+    monkeypatch.setattr(features_module.TeacherEmbedder, "__call__", no_teacher)
+    second = _precompute(s3_store, preprocessing)
+    assert second.key == first.key and second.manifest == first.manifest
+
+
+def test_corrupt_shard_is_reported_with_its_uri_or_recomputed(ray_local, local_store):
+    preprocessing = _prepare(local_store)
+    feats = _precompute(local_store, preprocessing)
+    shard = feats.shards[0]
+    data = bytearray(local_store.get_bytes(shard))
+    data[len(data) // 2] ^= 0xFF
+    local_store.put_bytes(shard, bytes(data))
+
+    with pytest.raises(ChecksumMismatchError) as info:
+        _precompute(local_store, preprocessing)
+    assert local_store.uri(shard) in str(info.value)
+
+    repaired = _precompute(local_store, preprocessing, recompute_corrupt=True)
+    verify_features(local_store, repaired)
+    assert repaired.shards != feats.shards  # a new run's shards, under its own prefix
+
+
+def test_concurrent_requests_publish_one_complete_set(ray_local, local_store):
+    preprocessing = _prepare(local_store)
+    results, errors = [], []
+
+    def request() -> None:
+        try:
+            results.append(_precompute(local_store, preprocessing))
+        except Exception as err:  # surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=request) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    assert not errors, errors
+    assert len(results) == 2 and results[0].manifest == results[1].manifest
+    # Only one run computed: the other waited on its lock and reused the published set.
+    runs = {
+        info.key.split("/")[2] for info in local_store.list(FEATURES_PREFIX) if "/run-" in info.key
+    }
+    assert len(runs) == 1
+    published = find_features(local_store, results[0].key)
+    assert published is not None
+    verify_features(local_store, published)
+    for shard in published.shards:
+        pq.read_table(io.BytesIO(local_store.get_bytes(shard)))

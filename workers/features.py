@@ -1,0 +1,474 @@
+"""Teacher features, precomputed once with Ray Data and shared through the object store.
+
+Layout under the store (content-addressed, DESIGN.md section 3)::
+
+    features/<key>/run-<id>/part-*.parquet   shards written by one precompute run
+    features/<key>/manifest.json             written last; names the shards of ONE run
+
+``key`` hashes the teacher's identity (architecture + weights sha256 + probe settings), the
+dataset's manifest and the preprocessing, so any job asking for the same key reuses the shards
+without running the teacher. Each run writes under its own ``run-<id>/`` prefix and the manifest
+is a single atomic PUT, so two concurrent runs can never interleave into a half set: readers
+see either no manifest or a complete one. A run that finds a fresh ``.lock`` marker of another
+run waits for that run's manifest instead of computing the same features again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from bird_core.methods.base import Batch
+from bird_core.preprocess import Preprocessor
+from bird_core.train import train_linear_probe
+from service.storage import (
+    MANIFEST_NAME,
+    ChecksumMismatchError,
+    Manifest,
+    ManifestEntry,
+    ManifestError,
+    ObjectStore,
+    StorageError,
+    fetch_verified,
+    join_key,
+    read_manifest,
+)
+from workers.teachers import TeacherSource
+
+FEATURES_PREFIX = "features"
+LOCK_NAME = ".lock"
+
+
+class FeatureError(RuntimeError):
+    """Precomputed features are missing or corrupt; the message names the URI."""
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """A published feature set: where it is and what its manifest says."""
+
+    key: str
+    prefix: str
+    manifest: Manifest
+
+    @property
+    def shards(self) -> list[str]:
+        """Shard keys relative to the store, in a stable order."""
+        return [join_key(self.prefix, name) for name in sorted(self.manifest.files)]
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """Dimensions, teacher identity, probe metrics, counts per split."""
+        return self.manifest.metadata
+
+
+def dataset_fingerprint(store: ObjectStore, dataset_prefix: str) -> tuple[str, Manifest]:
+    """sha256 of the dataset's manifest (which itself lists every part's sha256)."""
+    manifest = read_manifest(store, dataset_prefix)
+    canonical = json.dumps(
+        manifest.files and {k: v.sha256 for k, v in manifest.files.items()}, sort_keys=True
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest(), manifest
+
+
+def feature_key(
+    teacher: TeacherSource,
+    dataset_sha: str,
+    preprocessing: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """The content address of a feature set."""
+    payload = {
+        "teacher": teacher.identity(),
+        "dataset": dataset_sha,
+        "preprocessing": preprocessing,
+        "extra": extra or {},
+        "format_version": 1,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+# -- the Ray Data stage ------------------------------------------------------------------------
+
+
+def decode_image_column(images: np.ndarray) -> np.ndarray:
+    """Encoded PNG/JPEG bytes → uint8 ``[N, C, H, W]`` (RGB)."""
+    arrays = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in images]
+    return np.stack(arrays).transpose(0, 3, 1, 2).copy()
+
+
+class TeacherEmbedder:
+    """Ray Data callable class: loads the teacher once per actor, then embeds batches."""
+
+    def __init__(
+        self,
+        source: TeacherSource,
+        dataset_preprocessing: dict[str, Any],
+        attention_size: int | None,
+        device: str | None = None,
+    ):
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.net, self.preprocess = source.build(dataset_preprocessing)
+        self.net.to(self.device)
+        self.preprocess.to(self.device)
+        self.attention_size = attention_size
+        self.batches_seen = 0
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Add ``embedding``, ``logits`` and ``attention`` columns to a batch of rows."""
+        from bird_core.losses import attention_map
+
+        if "image" in batch:
+            x = torch.from_numpy(decode_image_column(batch["image"]))
+        else:
+            x = torch.from_numpy(np.stack(batch["x"]).astype(np.float32))
+        out = self.net(self.preprocess(x.to(self.device)), features=True)
+        batch = dict(batch)
+        batch["embedding"] = out.embedding.float().cpu().numpy()
+        batch["logits"] = out.logits.float().cpu().numpy()
+        if self.attention_size and out.feature_map is not None:
+            size = (self.attention_size, self.attention_size)
+            att = attention_map(out.feature_map.float(), size=size)
+            batch["attention"] = att.cpu().numpy()
+        self.batches_seen += 1
+        return batch
+
+
+def _table_for_write(batch: dict[str, np.ndarray]) -> pa.Table:
+    """A batch as an Arrow table with plain fixed-size float lists for the teacher outputs.
+
+    Returning Arrow (not numpy) keeps Ray Data from writing its own tensor extension type, so
+    the shards read back with plain pyarrow anywhere.
+    """
+    columns: dict[str, pa.Array] = {}
+    for name, values in batch.items():
+        if name in ("embedding", "logits", "attention"):
+            arr = np.ascontiguousarray(values, dtype=np.float32)
+            columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(arr.ravel()), arr.shape[1])
+        elif values.dtype == object:
+            columns[name] = pa.array(list(values))
+        else:
+            columns[name] = pa.array(values)
+    return pa.table(columns)
+
+
+def _read_dataset(store: ObjectStore, dataset_prefix: str, manifest: Manifest):
+    import ray.data
+
+    filesystem, base = store.pyarrow_filesystem()
+    parts = [
+        f"{base}/{join_key(dataset_prefix, n)}"
+        for n in sorted(manifest.files)
+        if n.endswith(".parquet")
+    ]
+    if not parts:
+        raise FeatureError(f"the dataset at {store.uri(dataset_prefix)} lists no Parquet parts")
+    return ray.data.read_parquet(parts, filesystem=filesystem)
+
+
+def _take_lock(store: ObjectStore, lock_key: str, run_id: str, stale_after_s: float) -> bool:
+    """Try to become the one run computing this key; break a lock older than ``stale_after_s``.
+
+    A crashed run leaves its lock behind; after ``stale_after_s`` another run may take over
+    (its shards go under its own run prefix, so even a slow original cannot corrupt the set).
+    """
+    payload = json.dumps({"run": run_id, "at": time.time()}).encode()
+    if store.put_if_absent(lock_key, payload):
+        return True
+    try:
+        held = json.loads(store.get_bytes(lock_key))
+        age = time.time() - float(held.get("at", 0))
+    except (StorageError, ValueError):
+        age = float("inf")
+    if age > stale_after_s:
+        store.delete(lock_key)
+        return store.put_if_absent(lock_key, payload)
+    return False
+
+
+def find_features(store: ObjectStore, key: str) -> FeatureSet | None:
+    """The published feature set for ``key``, or None if there is none yet."""
+    prefix = join_key(FEATURES_PREFIX, key)
+    try:
+        manifest = read_manifest(store, prefix)
+    except ManifestError:
+        return None
+    return FeatureSet(key, prefix, manifest)
+
+
+def precompute_features(
+    store: ObjectStore,
+    dataset_prefix: str,
+    teacher: TeacherSource,
+    *,
+    dataset_preprocessing: dict[str, Any],
+    batch_size: int = 256,
+    concurrency: int = 1,
+    num_gpus: float = 0,
+    attention_size: int | None = 4,
+    probe_epochs: int = 30,
+    seed: int = 0,
+    wait_timeout_s: float = 3600,
+    lock_stale_after_s: float = 900,
+    recompute_corrupt: bool = False,
+    on_progress: Callable[[str], None] | None = None,
+) -> FeatureSet:
+    """Features of ``teacher`` for every row of the dataset: reused if published, else computed.
+
+    Returns the published :class:`FeatureSet`. Raises :class:`FeatureError` naming the shard's
+    URI when a cached shard fails its checksum (unless ``recompute_corrupt``).
+    """
+    dataset_sha, dataset_manifest = dataset_fingerprint(store, dataset_prefix)
+    key = feature_key(
+        teacher,
+        dataset_sha,
+        dataset_preprocessing,
+        {"attention_size": attention_size, "probe_epochs": probe_epochs, "seed": seed},
+    )
+    prefix = join_key(FEATURES_PREFIX, key)
+    lock_key = join_key(prefix, LOCK_NAME)
+    deadline = time.monotonic() + wait_timeout_s
+    run_id = uuid.uuid4().hex[:12]
+    while True:
+        existing = find_features(store, key)
+        if existing is not None:
+            try:
+                verify_features(store, existing)
+                return existing
+            except ChecksumMismatchError:
+                if not recompute_corrupt:
+                    raise
+                store.delete(join_key(prefix, MANIFEST_NAME))
+        if _take_lock(store, lock_key, run_id, lock_stale_after_s):
+            break
+        if time.monotonic() > deadline:
+            raise FeatureError(f"timed out waiting for another run to publish {store.uri(prefix)}")
+        if on_progress:
+            on_progress("waiting for a concurrent precompute of the same features")
+        time.sleep(1.0)
+
+    try:
+        # Another run may have published between our last look and taking the lock.
+        existing = find_features(store, key)
+        if existing is not None:
+            return existing
+        return _compute_and_publish(
+            store,
+            dataset_prefix,
+            dataset_manifest,
+            teacher,
+            key,
+            prefix,
+            run_id,
+            dataset_preprocessing=dataset_preprocessing,
+            batch_size=batch_size,
+            concurrency=concurrency,
+            num_gpus=num_gpus,
+            attention_size=attention_size,
+            probe_epochs=probe_epochs,
+            seed=seed,
+            dataset_sha=dataset_sha,
+        )
+    finally:
+        store.delete(lock_key)
+
+
+def _compute_and_publish(
+    store: ObjectStore,
+    dataset_prefix: str,
+    dataset_manifest: Manifest,
+    teacher: TeacherSource,
+    key: str,
+    prefix: str,
+    run_id: str,
+    *,
+    dataset_preprocessing: dict[str, Any],
+    batch_size: int,
+    concurrency: int,
+    num_gpus: float,
+    attention_size: int | None,
+    probe_epochs: int,
+    seed: int,
+    dataset_sha: str,
+) -> FeatureSet:
+    import ray.data
+
+    ds = _read_dataset(store, dataset_prefix, dataset_manifest)
+    embedded = ds.map_batches(
+        TeacherEmbedder,
+        fn_constructor_kwargs={
+            "source": teacher,
+            "dataset_preprocessing": dataset_preprocessing,
+            "attention_size": attention_size,
+        },
+        batch_size=batch_size,
+        batch_format="numpy",
+        # A pool of `concurrency` actors, each loading the teacher once.
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
+        num_gpus=num_gpus or None,
+    ).materialize()
+
+    metadata: dict[str, Any] = {
+        "format": "bird-features",
+        "key": key,
+        "run": run_id,
+        "teacher": teacher.identity(),
+        "dataset_sha256": dataset_sha,
+        "dataset_prefix": dataset_prefix,
+        "preprocessing": dataset_preprocessing,
+    }
+    probe_state: dict[str, np.ndarray] | None = None
+    if teacher.needs_probe:
+        # One pass over the materialized blocks; the split filter is a numpy mask.
+        arrays = _collect(embedded.select_columns(["embedding", "label", "split"]))
+        is_train = arrays["split"] == "train"
+        probe = train_linear_probe(
+            torch.from_numpy(arrays["embedding"][is_train]),
+            torch.from_numpy(arrays["label"][is_train]).long(),
+            teacher.num_classes,
+            epochs=probe_epochs,
+            seed=seed,
+        )
+        probe_state = {
+            "weight": probe.weight.detach().numpy().T.copy(),
+            "bias": probe.bias.detach().numpy().copy(),
+        }
+        metadata["probe"] = {"epochs": probe_epochs, "seed": seed}
+
+    def finalize(batch: dict[str, np.ndarray]) -> pa.Table:
+        if probe_state is not None:
+            batch = dict(batch)
+            batch["logits"] = batch["embedding"] @ probe_state["weight"] + probe_state["bias"]
+        return _table_for_write(batch)
+
+    run_prefix = join_key(prefix, f"run-{run_id}")
+    filesystem, base = store.pyarrow_filesystem()
+    final = embedded.map_batches(finalize, batch_format="numpy", batch_size=4096)
+    final.write_parquet(f"{base}/{run_prefix}", filesystem=filesystem)
+
+    entries: dict[str, ManifestEntry] = {}
+    counts: dict[str, int] = {}
+    dims: dict[str, int] = {}
+    for info in store.list(run_prefix):
+        if not info.key.endswith(".parquet"):
+            continue
+        data = store.get_bytes(info.key)
+        table = pq.read_table(io.BytesIO(data), columns=["split", "embedding", "logits"])
+        for split, n in zip(
+            *np.unique(table.column("split").to_numpy(zero_copy_only=False), return_counts=True),
+            strict=True,
+        ):
+            counts[str(split)] = counts.get(str(split), 0) + int(n)
+        if table.num_rows:
+            dims["embedding"] = table.schema.field("embedding").type.list_size
+            dims["logits"] = table.schema.field("logits").type.list_size
+        relative = info.key[len(prefix) + 1 :]
+        entries[relative] = ManifestEntry(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    if not entries:
+        raise FeatureError(f"precompute wrote no shards under {store.uri(run_prefix)}")
+    metadata.update({"counts": counts, "dims": dims, "attention_size": attention_size})
+    manifest = Manifest(created_at=datetime.now(timezone.utc), files=entries, metadata=metadata)
+    # The manifest is the commit point: one PUT, written after every shard.
+    store.put_bytes(join_key(prefix, MANIFEST_NAME), manifest.to_json())
+    return FeatureSet(key, prefix, manifest)
+
+
+def _collect(ds: Any) -> dict[str, np.ndarray]:
+    batches = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+def verify_features(store: ObjectStore, features: FeatureSet) -> None:
+    """Check every shard's size and sha256 against the manifest (names the URI if not)."""
+    for name, entry in features.manifest.files.items():
+        key = join_key(features.prefix, name)
+        info = [i for i in store.list(key.rsplit("/", 1)[0]) if i.key == key]
+        if not info:
+            raise FeatureError(f"feature shard {store.uri(key)} is listed but missing")
+        if info[0].size != entry.size:
+            raise ChecksumMismatchError(
+                f"feature shard {store.uri(key)} has {info[0].size} bytes, manifest says "
+                f"{entry.size}",
+                store.uri(key),
+            )
+        fetch_verified(store, key, entry)
+
+
+# -- the training side -----------------------------------------------------------------------
+
+
+def read_feature_split(store: ObjectStore, features: FeatureSet, split: str):  # noqa: ANN201
+    """A Ray Data dataset of one split's rows (student input + teacher outputs + label + group)."""
+    import ray.data
+
+    filesystem, base = store.pyarrow_filesystem()
+    paths = [f"{base}/{shard}" for shard in features.shards]
+    from ray.data.expressions import col
+
+    dataset = ray.data.read_parquet(paths, filesystem=filesystem)
+    return dataset.filter(expr=col("split") == split)
+
+
+def load_feature_table(store: ObjectStore, features: FeatureSet) -> pa.Table:
+    """All shards as one Arrow table, each verified against the manifest (no Ray needed)."""
+    tables = [
+        pq.read_table(io.BytesIO(fetch_verified(store, shard, features.manifest.files[name])))
+        for shard, name in zip(features.shards, sorted(features.manifest.files), strict=True)
+    ]
+    return pa.concat_tables(tables)
+
+
+def batch_from_rows(
+    rows: dict[str, np.ndarray], preprocess: Preprocessor, device: str | torch.device = "cpu"
+) -> Batch:
+    """Turn a batch of feature rows into a bird_core :class:`Batch` (the teacher never runs)."""
+    if "image" in rows:
+        x = torch.from_numpy(decode_image_column(rows["image"]))
+    else:
+        x = torch.from_numpy(np.stack(rows["x"]).astype(np.float32))
+    label = rows["label"]
+    label_t = (
+        torch.from_numpy(np.stack(label).astype(np.float32))
+        if label.dtype == object
+        else torch.from_numpy(label.astype(np.int64))
+    )
+
+    def tensor(name: str) -> torch.Tensor | None:
+        if name not in rows:
+            return None
+        return torch.from_numpy(np.stack(rows[name]).astype(np.float32))
+
+    attention = tensor("attention")
+    if attention is not None:
+        side = round(attention.shape[1] ** 0.5)
+        attention = attention.view(-1, side, side)
+    batch = Batch(
+        x=x,
+        label=label_t,
+        group=torch.from_numpy(rows["group"].astype(np.int64)),
+        teacher_embedding=tensor("embedding"),
+        teacher_logits=tensor("logits"),
+        teacher_attention=attention,
+    ).to(device)
+    batch.x = preprocess(batch.x)
+    return batch
+
+
+def iter_batches(dataset: Any, batch_size: int, preprocess: Preprocessor) -> Iterator[Batch]:
+    """Batches from a Ray Data dataset or DataIterator of feature rows."""
+    for rows in dataset.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        yield batch_from_rows(rows, preprocess)
