@@ -25,7 +25,7 @@ from bird_core.data.base import DatasetSplits, Split, Task
 from bird_core.losses import attention_map, probabilities
 from bird_core.methods.base import Batch, Method, StepContext
 from bird_core.metrics import fairness_report
-from bird_core.models import Net
+from bird_core.models import Net, NetOutput
 from bird_core.preprocess import Preprocessor
 
 
@@ -202,11 +202,22 @@ class Distiller(nn.Module):
         self.method = method
 
     def forward(
-        self, batch: Batch, ctx: StepContext
+        self, batch: Batch, ctx: StepContext, meta_batch: Batch | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The method's loss on ``batch``."""
-        out = self.student(batch.x, features=True)
-        return self.method.loss(out, batch, ctx)
+        """The method's loss on ``batch``, after its meta step when ``meta_batch`` is given.
+
+        The meta step (BIRD's Stages I–II) runs between the student's body and head: it reuses
+        the body's output on ``batch`` instead of recomputing it, and the joint loss then sees
+        the updated φ. Its logs are left in ``self.meta_logs``.
+        """
+        pooled, feature_map = self.student.body(batch.x)
+        self.meta_logs: dict[str, float] = {}
+        if meta_batch is not None:
+            self.meta_logs = self.method.meta_step(
+                self.student, batch, meta_batch, ctx, train_pooled=pooled.detach()
+            )
+        embedding, logits = self.student.head(pooled)
+        return self.method.loss(NetOutput(logits, embedding, feature_map), batch, ctx)
 
 
 def build_optimizer(student: Net, method: Method, config: TrainConfig) -> torch.optim.Optimizer:
@@ -237,12 +248,10 @@ def train_step(
     """
     inner: Distiller = unwrap(distiller)  # type: ignore[assignment]
     method = inner.method
-    logs: dict[str, float] = {}
-    if method.needs_meta_batch:
-        if meta_batch is None:
-            raise ValueError(f"method {method.name!r} needs a meta batch")
-        logs.update(method.meta_step(inner.student, batch, meta_batch, ctx))
-    loss, parts = distiller(batch, ctx)
+    if method.needs_meta_batch and meta_batch is None:
+        raise ValueError(f"method {method.name!r} needs a meta batch")
+    loss, parts = distiller(batch, ctx, meta_batch if method.needs_meta_batch else None)
+    logs: dict[str, float] = dict(inner.meta_logs)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss became {loss.item()} at step {ctx.step}: lower the lr")
     optimizer.zero_grad(set_to_none=True)

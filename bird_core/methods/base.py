@@ -98,9 +98,18 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def meta_step(
-        self, student: Net, batch: Batch, meta_batch: Batch, ctx: StepContext
+        self,
+        student: Net,
+        batch: Batch,
+        meta_batch: Batch,
+        ctx: StepContext,
+        train_pooled: torch.Tensor | None = None,
     ) -> dict[str, float]:
-        """Update meta-learned state before the joint step (BIRD's φ); others do nothing."""
+        """Update meta-learned state before the joint step (BIRD's φ); others do nothing.
+
+        ``train_pooled`` is the student body's output on ``batch`` when the caller already
+        computed it (the training step shares its forward pass this way).
+        """
         return {}
 
     def check_student(self, student: Net) -> None:

@@ -37,15 +37,21 @@ from bird_core.models import Net, NetOutput
 
 
 @contextmanager
-def buffers_restored(module: torch.nn.Module) -> Iterator[None]:
-    """Run the block, then put every buffer (batch-norm statistics) back as it was."""
-    saved = [(b, b.detach().clone()) for b in module.buffers()]
+def running_stats_frozen(module: torch.nn.Module) -> Iterator[None]:
+    """Batch norm keeps using batch statistics but leaves its running statistics untouched.
+
+    Virtual passes must leave no trace. Restoring the buffers afterwards would not do: the
+    joint step's graph holds the very same buffer tensors and autograd rejects in-place
+    changes to them, so the update must not happen in the first place.
+    """
+    norms = [m for m in module.modules() if getattr(m, "track_running_stats", False)]
+    for norm in norms:
+        norm.track_running_stats = False
     try:
         yield
     finally:
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
+        for norm in norms:
+            norm.track_running_stats = True
 
 
 @dataclass(frozen=True)
@@ -170,11 +176,19 @@ class BIRD(Method):
     # -- Stages I and II --------------------------------------------------------------------
 
     def outer_loss_of_phi(
-        self, student: Net, batch: Batch, meta_batch: Batch, phi: torch.Tensor, task: str
+        self,
+        student: Net,
+        batch: Batch,
+        meta_batch: Batch,
+        phi: torch.Tensor,
+        task: str,
+        train_pooled: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """L_outer(θ'(φ)) for a given φ: the virtual step (Stage I) then the meta loss.
 
-        Exposed separately so a finite-difference test can check its gradient.
+        With ``virtual_params="head"``, ``train_pooled`` (the body's output on ``batch`` from
+        the joint step's own forward pass) saves recomputing it. Exposed separately so a
+        finite-difference test can check the gradient.
         """
         opts: BIRDOptions = self.options  # type: ignore[assignment]
         self.check_student(student)
@@ -182,13 +196,19 @@ class BIRD(Method):
             module: torch.nn.Module = student.head
             # The body is not updated virtually, so its outputs need no graph; its batch-norm
             # statistics must not move either (these passes are virtual).
-            with torch.no_grad(), buffers_restored(student):
-                inputs, _ = student.body(batch.x)
+            with torch.no_grad(), running_stats_frozen(student):
+                if train_pooled is None:
+                    train_pooled, _ = student.body(batch.x)
                 meta_inputs, _ = student.body(meta_batch.x)
+            inputs = train_pooled.detach()
             args: dict = {}
         else:
             module, inputs, meta_inputs, args = student, batch.x, meta_batch.x, {"features": True}
-        params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        # Detached leaf copies of θ: the virtual step differentiates with respect to these, so
+        # the real parameters' autograd hooks (DDP's gradient reducer) never fire for it.
+        params = {
+            n: p.detach().requires_grad_() for n, p in module.named_parameters() if p.requires_grad
+        }
         # Batch-norm running statistics must not move during the virtual passes: give the
         # functional calls their own copies.
         buffers = {n: b.clone() for n, b in module.named_buffers()}
@@ -207,14 +227,19 @@ class BIRD(Method):
         return self.outer_loss(meta_logits, meta_batch, task)
 
     def meta_step(
-        self, student: Net, batch: Batch, meta_batch: Batch, ctx: StepContext
+        self,
+        student: Net,
+        batch: Batch,
+        meta_batch: Batch,
+        ctx: StepContext,
+        train_pooled: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """Stages I and II: one meta-gradient step on φ (every ``meta_interval`` steps)."""
         opts: BIRDOptions = self.options  # type: ignore[assignment]
         if ctx.step % opts.meta_interval != 0:
             return {}
         phi = self.fair.phi.detach().clone().requires_grad_(True)
-        outer = self.outer_loss_of_phi(student, batch, meta_batch, phi, ctx.task)
+        outer = self.outer_loss_of_phi(student, batch, meta_batch, phi, ctx.task, train_pooled)
         (grad,) = torch.autograd.grad(outer, phi)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # Average across ranks: each rank saw its own batches, all must keep one φ.
