@@ -119,8 +119,13 @@ class TeacherEmbedder:
         dataset_preprocessing: dict[str, Any],
         attention_size: int | None,
         device: str | None = None,
+        torch_threads: int | None = None,
     ):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if torch_threads:
+            # Ray pins OMP/torch to the actor's CPU reservation (1); the teacher forward is the
+            # heavy part of the pipeline and may use more cores while reads stay light.
+            torch.set_num_threads(torch_threads)
         self.net, self.preprocess = source.build(dataset_preprocessing)
         self.net.to(self.device)
         self.preprocess.to(self.device)
@@ -132,12 +137,14 @@ class TeacherEmbedder:
         """Add ``embedding``, ``logits`` and ``attention`` columns to a batch of rows."""
         from bird_core.losses import attention_map
 
-        if "image" in batch:
+        if "pixels" in batch:  # decoded upstream by decode_stage, in parallel with this actor
+            x = torch.from_numpy(np.ascontiguousarray(batch["pixels"]))
+        elif "image" in batch:
             x = torch.from_numpy(decode_image_column(batch["image"]))
         else:
             x = torch.from_numpy(np.stack(batch["x"]).astype(np.float32))
         out = self.net(self.preprocess(x.to(self.device)), features=True)
-        batch = dict(batch)
+        batch = {k: v for k, v in batch.items() if k != "pixels"}
         batch["embedding"] = out.embedding.float().cpu().numpy()
         batch["logits"] = out.logits.float().cpu().numpy()
         if self.attention_size and out.feature_map is not None:
@@ -146,6 +153,18 @@ class TeacherEmbedder:
             batch["attention"] = att.cpu().numpy()
         self.batches_seen += 1
         return batch
+
+
+def decode_stage(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Ray Data task: decode images into a ``pixels`` column ahead of the teacher actor.
+
+    Decoding in stateless tasks overlaps it with the teacher's forward pass in the actor,
+    instead of the actor doing both in turn.
+    """
+    if "image" in batch:
+        batch = dict(batch)
+        batch["pixels"] = decode_image_column(batch["image"])
+    return batch
 
 
 def _table_for_write(batch: dict[str, np.ndarray]) -> pa.Table:
@@ -219,6 +238,7 @@ def precompute_features(
     batch_size: int = 256,
     concurrency: int = 1,
     num_gpus: float = 0,
+    torch_threads: int | None = None,
     attention_size: int | None = 4,
     probe_epochs: int = 30,
     seed: int = 0,
@@ -278,6 +298,7 @@ def precompute_features(
             batch_size=batch_size,
             concurrency=concurrency,
             num_gpus=num_gpus,
+            torch_threads=torch_threads,
             attention_size=attention_size,
             probe_epochs=probe_epochs,
             seed=seed,
@@ -300,6 +321,7 @@ def _compute_and_publish(
     batch_size: int,
     concurrency: int,
     num_gpus: float,
+    torch_threads: int | None,
     attention_size: int | None,
     probe_epochs: int,
     seed: int,
@@ -308,19 +330,25 @@ def _compute_and_publish(
     import ray.data
 
     ds = _read_dataset(store, dataset_prefix, dataset_manifest)
+    ds = ds.map_batches(decode_stage, batch_format="numpy", batch_size=batch_size)
     embedded = ds.map_batches(
         TeacherEmbedder,
         fn_constructor_kwargs={
             "source": teacher,
             "dataset_preprocessing": dataset_preprocessing,
             "attention_size": attention_size,
+            "torch_threads": torch_threads,
         },
         batch_size=batch_size,
         batch_format="numpy",
         # A pool of `concurrency` actors, each loading the teacher once.
         compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_gpus=num_gpus or None,
-    ).materialize()
+    )
+    if teacher.needs_probe:
+        # The probe needs every train embedding before any logits can be written: keep the
+        # teacher's outputs instead of running it twice. Without a probe, one streaming pass.
+        embedded = embedded.materialize()
 
     metadata: dict[str, Any] = {
         "format": "bird-features",

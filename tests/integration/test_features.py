@@ -8,8 +8,10 @@ import threading
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from bird_core.data import load_fashion_mnist_s
+from bird_core.preprocess import Preprocessor
 from service.storage import ChecksumMismatchError, ObjectStore, S3Store, join_key
 from workers import features as features_module
 from workers.converters import prepare_fashion_mnist_s
@@ -17,8 +19,10 @@ from workers.datasets import load_splits
 from workers.features import (
     FEATURES_PREFIX,
     find_features,
+    iter_batches,
     load_feature_table,
     precompute_features,
+    read_feature_split,
     verify_features,
 )
 from workers.teachers import TeacherSource
@@ -61,6 +65,20 @@ def test_efficientnet_features_in_s3_match_the_source_rows(ray_local, s3_store: 
     assert feats.metadata["counts"]["train"] == len(source.train)
     embedding = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
     assert np.isfinite(embedding).all() and embedding.std() > 0
+
+    # The training side: a Ray Data dataset per split, batches with the teacher's outputs.
+    student_pre = Preprocessor.from_config(preprocessing)
+    train = read_feature_split(s3_store, feats, "train")
+    batches = list(iter_batches(train, 32, student_pre))
+    assert sum(len(b.label) for b in batches) == len(source.train)
+    first = batches[0]
+    assert first.x.dtype == torch.float32 and first.x.shape[1:] == (3, 28, 28)
+    assert first.teacher_embedding.shape == (len(first.label), 1280)
+    assert first.teacher_logits.shape == (len(first.label), 10)
+    train_ids = np.concatenate([np.asarray(r["id"]) for r in train.iter_batches(batch_size=None)])
+    splits = table.column("split").to_numpy(zero_copy_only=False)
+    expected_ids = table.column("id").to_numpy()[splits == "train"]
+    assert sorted(train_ids.tolist()) == sorted(expected_ids.tolist())
 
 
 def test_second_request_reuses_shards_without_running_the_teacher(
