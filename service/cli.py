@@ -401,5 +401,36 @@ def teachers_train(
     )
 
 
+db_app = typer.Typer(help="The jobs database.", no_args_is_help=True, add_completion=False)
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Migrate the database named by BIRD_DATABASE_URL (default: SQLite under BIRD_DATA_DIR)."""
+    from pydantic import ValidationError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from service.db import current_revision, head_revision, upgrade
+    from service.settings import Settings
+
+    try:
+        settings = Settings()
+    except ValidationError as err:
+        first = err.errors()[0]
+        _fail(f"invalid setting BIRD_{str(first['loc'][0]).upper()}: {first['msg']}", 2)
+    url = settings.resolved_database_url
+    try:
+        before = current_revision(url)
+        upgrade(url)
+    except (SQLAlchemyError, OSError) as err:
+        # The URL may carry a password: name the database without it.
+        from sqlalchemy.engine import make_url
+
+        safe = make_url(url).render_as_string(hide_password=True)
+        _fail(f"cannot migrate {safe}: {str(err).splitlines()[0]}")
+    typer.echo(f"database at revision {head_revision()} (was {before or 'empty'})")
+
+
 if __name__ == "__main__":
     app()
