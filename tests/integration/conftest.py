@@ -25,6 +25,19 @@ from moto.server import ThreadedMotoServer
 from service.settings import Settings
 from service.storage import LocalStore, ObjectStore, S3Store
 
+# The database fixtures live in db_fixtures.py; importing them here makes them visible to every
+# integration test module.
+from tests.integration.db_fixtures import (  # noqa: F401
+    db_engine,
+    db_session,
+    db_tenant_id,
+    db_url,
+    pg_empty_url,
+    pg_url,
+    sqlite_empty_url,
+    sqlite_url,
+)
+
 # ============================================================================================
 # Object storage
 # ============================================================================================

@@ -5,9 +5,8 @@ PostgreSQL: each test gets a fresh schema ``t_<random>`` in the local database (
 ``search_path``, migrated with ``service.db.upgrade`` and dropped afterwards. PostgreSQL not
 answering is a failure, not a skip: the integration tests exist to run against it.
 
-Make the fixtures visible to pytest by importing them from ``tests/integration/conftest.py``,
-or, in a test module, by binding them at module level (``db_url = db_fixtures.db_url``: an
-assignment, so that test parameters of the same name do not read as redefinitions to ruff).
+``tests/integration/conftest.py`` imports the fixtures, so every integration test module sees
+them.
 Fixtures: ``pg_empty_url``/``sqlite_empty_url`` (fresh, unmigrated), ``pg_url``/``sqlite_url``
 (migrated), ``db_url`` (both, parametrised), ``db_engine``, ``db_session``, ``db_tenant_id``.
 """

@@ -8,9 +8,6 @@ import sys
 from pathlib import Path
 
 from service.db import current_revision, head_revision
-from tests.integration import db_fixtures
-
-pg_empty_url = db_fixtures.pg_empty_url
 
 
 def _bird(*args: str, database_url: str, tmp_path: Path) -> subprocess.CompletedProcess:

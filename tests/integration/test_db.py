@@ -15,18 +15,6 @@ from sqlalchemy.orm import Session
 from service import queue
 from service.db import current_revision, head_revision, make_engine, session_factory, upgrade
 from service.models import Base, Job, JobState, Tenant
-from tests.integration import db_fixtures
-
-# pytest finds fixtures in the module's namespace. Assignments rather than imports: a test
-# parameter named like an imported fixture would read as a redefinition to the linter.
-db_engine = db_fixtures.db_engine
-db_session = db_fixtures.db_session
-db_tenant_id = db_fixtures.db_tenant_id
-db_url = db_fixtures.db_url
-pg_empty_url = db_fixtures.pg_empty_url
-pg_url = db_fixtures.pg_url
-sqlite_empty_url = db_fixtures.sqlite_empty_url
-sqlite_url = db_fixtures.sqlite_url
 
 
 def schema_diff(engine: Engine, metadata: MetaData = Base.metadata) -> list:

@@ -17,18 +17,6 @@ from service import queue
 from service.db import make_engine, session_factory
 from service.models import Checkpoint, Job, JobEvent, JobLog, JobStage, JobState, Metric, Tenant
 from service.queue import IdempotencyConflict, IllegalTransition, JobNotFound, LeaseLost
-from tests.integration import db_fixtures
-
-# pytest finds fixtures in the module's namespace. Assignments rather than imports: a test
-# parameter named like an imported fixture would read as a redefinition to the linter.
-db_engine = db_fixtures.db_engine
-db_session = db_fixtures.db_session
-db_tenant_id = db_fixtures.db_tenant_id
-db_url = db_fixtures.db_url
-pg_empty_url = db_fixtures.pg_empty_url
-pg_url = db_fixtures.pg_url
-sqlite_empty_url = db_fixtures.sqlite_empty_url
-sqlite_url = db_fixtures.sqlite_url
 
 LEASE_S = 60
 SPEC = {"method": "bird", "epochs": 3}
