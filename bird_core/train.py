@@ -155,6 +155,21 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # cap for quick runs
     eval_batch_size: int = 512
     device: str = "cpu"
+    # None: on for CUDA devices, off elsewhere (CPU bf16 kernels are slow, not fast).
+    bf16: bool | None = None
+    channels_last: bool | None = None
+
+    @property
+    def use_bf16(self) -> bool:
+        """Whether steps run under bf16 autocast."""
+        return self.bf16 if self.bf16 is not None else self.device.startswith("cuda")
+
+    @property
+    def use_channels_last(self) -> bool:
+        """Whether image models and batches use the channels-last memory format."""
+        if self.channels_last is not None:
+            return self.channels_last
+        return self.device.startswith("cuda")
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -241,8 +256,12 @@ def train_step(
     batch: Batch,
     ctx: StepContext,
     meta_batch: Batch | None = None,
+    bf16: bool = False,
 ) -> dict[str, float]:
     """One optimisation step: the method's meta step (BIRD's Stages I–II), then the joint step.
+
+    ``bf16`` runs the forward passes (meta step included) under bf16 autocast; gradients and
+    the optimizer stay in float32.
 
     ``distiller`` is a :class:`Distiller`, possibly wrapped in DDP. Returns the loss parts.
     """
@@ -250,7 +269,8 @@ def train_step(
     method = inner.method
     if method.needs_meta_batch and meta_batch is None:
         raise ValueError(f"method {method.name!r} needs a meta batch")
-    loss, parts = distiller(batch, ctx, meta_batch if method.needs_meta_batch else None)
+    with torch.autocast(batch.x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss, parts = distiller(batch, ctx, meta_batch if method.needs_meta_batch else None)
     logs: dict[str, float] = dict(inner.meta_logs)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss became {loss.item()} at step {ctx.step}: lower the lr")
@@ -414,6 +434,9 @@ def fit(
     student.to(device)
     method.to(device)
     preprocess = preprocess.to(device)
+    memory_format = torch.channels_last if config.use_channels_last else torch.preserve_format
+    if config.use_channels_last and data.train.x.dim() == 4:
+        student.to(memory_format=memory_format)
 
     train_rows = torch.arange(len(data.train))
     meta_sampler: MetaSampler | None = None
@@ -468,7 +491,9 @@ def fit(
                 meta_index = meta_sampler.sample(meta_batch_size)
                 meta_batch = make_batch(data.train, meta_index, preprocess, train_features, device)
             ctx = StepContext(task=data.task, progress=step / total_steps, step=step)
-            logs = train_step(distiller, optimizer, batch, ctx, meta_batch)
+            if config.use_channels_last and batch.x.dim() == 4:
+                batch.x = batch.x.contiguous(memory_format=memory_format)
+            logs = train_step(distiller, optimizer, batch, ctx, meta_batch, bf16=config.use_bf16)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
             done += 1
