@@ -132,6 +132,12 @@ def save_checkpoint(
         },
         "preprocessing": preprocess.config(),
         "method": getattr(method, "name", None),
+        # Facts the method reports about its own state (BIRD: the learned gate's summary).
+        "method_summary": (
+            method.extra_state_for_checkpoint()
+            if hasattr(method, "extra_state_for_checkpoint")
+            else {}
+        ),
         "spec": spec or {},
         "epoch": epoch,
         "step": step,

@@ -138,8 +138,3 @@ def require(value: torch.Tensor | None, what: str, method: str) -> torch.Tensor:
     if value is None:
         raise ValueError(f"method {method!r} needs {what} but the batch has none")
     return value
-
-
-def num_classes_or_attributes(labels: torch.Tensor) -> int:
-    """Width of the label (for checks)."""
-    return labels.shape[1] if labels.dim() == 2 else int(labels.max().item()) + 1

@@ -157,6 +157,8 @@ def test_training_state_round_trips_and_resumes_identically(tmp_path, tiny_image
     assert set(state["method"]) == set(method.state_dict())
     assert state["meta"]["method"] == "bird"
     assert state["meta"]["epoch"] == 1
+    gate = torch.sigmoid(method.fair.phi)
+    assert state["meta"]["method_summary"]["gate_mean"] == pytest.approx(float(gate.mean()))
 
     # Rebuild everything from the checkpoint and take one more step on both copies.
     torch.manual_seed(99)  # a different init, overwritten by the loaded state
