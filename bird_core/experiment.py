@@ -33,6 +33,7 @@ from bird_core.train import (
     fit,
     plan_steps_per_epoch,
     seed_everything,
+    train_linear_probe,
 )
 
 REPORTED = ("auroc", "f1", "accuracy", "delta_mean_deo", "delta_max_deo")
@@ -109,21 +110,14 @@ def _efficientnet_teacher(data: DatasetSplits, config: ExperimentConfig, tick: C
     tick(1)
     # The linear probe is trained on the frozen features: cheap, and exactly what the
     # backbone + probe computes end to end.
-    probe = net.head.fc
-    optimizer = torch.optim.Adam(probe.parameters(), lr=1e-3)
-    mean = features.embedding.mean(0)
-    generator = torch.Generator().manual_seed(config.data_seed)
-    for _ in range(config.probe_epochs):
-        order = torch.randperm(len(features), generator=generator)
-        for start in range(0, len(order), 256):
-            rows = order[start : start + 256]
-            loss = torch.nn.functional.cross_entropy(
-                probe(features.embedding[rows]), data.train.label[rows]
-            )
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    del mean
+    probe = train_linear_probe(
+        features.embedding,
+        data.train.label,
+        data.num_classes,
+        epochs=config.probe_epochs,
+        seed=config.data_seed,
+        probe=net.head.fc,
+    )
     with torch.no_grad():
         features.logits = probe(features.embedding)
         test_probs = torch.softmax(probe(test_features.embedding), dim=1)

@@ -116,15 +116,18 @@ def train_linear_probe(
     lr: float = 1e-3,
     seed: int = 0,
     batch_size: int = 256,
+    probe: nn.Linear | None = None,
 ) -> nn.Linear:
     """A linear classifier on frozen features (deterministic given ``seed``).
 
     Training the probe on precomputed features is exactly what a frozen backbone + probe
-    computes end to end, at a fraction of the cost.
+    computes end to end, at a fraction of the cost. ``probe`` trains an existing layer (a
+    model's own head) in place; otherwise a new one is initialised from ``seed``.
     """
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    probe = nn.Linear(embeddings.shape[1], num_classes)
+    if probe is None:
+        torch.manual_seed(seed)
+        probe = nn.Linear(embeddings.shape[1], num_classes)
     optimizer = torch.optim.Adam(probe.parameters(), lr=lr)
     for _ in range(epochs):
         order = torch.randperm(len(embeddings), generator=generator)

@@ -78,9 +78,7 @@ class FeatureSet:
 def dataset_fingerprint(store: ObjectStore, dataset_prefix: str) -> tuple[str, Manifest]:
     """sha256 of the dataset's manifest (which itself lists every part's sha256)."""
     manifest = read_manifest(store, dataset_prefix)
-    canonical = json.dumps(
-        manifest.files and {k: v.sha256 for k, v in manifest.files.items()}, sort_keys=True
-    )
+    canonical = json.dumps({k: v.sha256 for k, v in manifest.files.items()}, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest(), manifest
 
 
