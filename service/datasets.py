@@ -79,6 +79,7 @@ __all__ = [
     "encode_images",
     "parse_metadata",
     "read_dataset",
+    "read_dataset_meta",
     "render_description",
     "split_arrays",
     "validate_dataset",
@@ -1105,6 +1106,15 @@ def _load_meta(store: ObjectStore, prefix: str) -> tuple[Manifest, DatasetMeta, 
     if not _part_names(manifest):
         raise DatasetFormatError(f"the manifest of {uri} lists no .parquet parts", uri)
     return manifest, meta, uri
+
+
+def read_dataset_meta(store: ObjectStore, prefix: str) -> DatasetMeta:
+    """What the dataset's manifest says (task, classes, groups, shapes), without reading rows.
+
+    Raises :class:`DatasetNotFoundError` when no manifest exists at ``prefix`` and
+    :class:`DatasetFormatError` when it is not a valid bird dataset manifest.
+    """
+    return _load_meta(store, prefix)[1]
 
 
 def _arrow_buffer(data: bytes) -> pa.Buffer:

@@ -1,0 +1,102 @@
+"""The φ / loss-weight search: Ray Tune + ASHA over TorchTrainer runs (Train V2 pattern)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from bird_core.checkpoint import load_student
+from bird_core.train import evaluate
+from service.storage import join_key
+from workers.checkpoints import download_checkpoint
+from workers.sinks import ActorSink
+from workers.train import RayStorage, build_datasets, plan_training, search_score
+from workers.tune import pareto_front, run_search
+
+
+def test_pareto_front_keeps_the_points_nothing_beats_on_both_axes() -> None:
+    points = {0: (90.0, 5.0), 1: (85.0, 2.0), 2: (80.0, 6.0), 3: (90.0, 5.0), 4: (70.0, 1.0)}
+    # 2 is dominated by 0 (better AUROC, lower Δ-DEO); 0 and 3 tie and neither dominates.
+    assert pareto_front(points) == {0, 1, 3, 4}
+
+
+def test_asha_search_stops_weak_trials_and_its_best_checkpoint_loads(
+    train_data_local: Any, tmp_path: Path
+) -> None:
+    data = train_data_local
+    spec = data.spec(
+        training={"epochs": 3, "batch_size": 32},
+        search={
+            # Wide ranges on purpose: trials differ enough for ASHA's median rule to bite.
+            "space": {
+                "phi_lr": {"kind": "loguniform", "low": 1.0, "high": 1000.0},
+                "lambda_kd": {"kind": "choice", "values": [0.1, 1.0, 20.0]},
+                "lambda_fair": {"kind": "uniform", "low": 0.0, "high": 20.0},
+            },
+            "num_samples": 4,
+            "max_concurrent_trials": 1,
+            "grace_period": 1,
+            "reduction_factor": 2,
+            "objective": {"kind": "weighted", "fairness_weight": 0.5},
+        },
+    )
+    plan = plan_training(
+        spec,
+        store_url=data.store_url,
+        settings=data.settings,
+        features=data.features,
+        dataset_meta=data.meta,
+        checkpoint_base=None,
+    )
+    datasets = build_datasets(data.store, data.features, plan)
+    # Created here: make_sink is pickled into each trial, and the handles travel with it.
+    sinks = {index: ActorSink() for index in range(4)}
+
+    def make_sink(index: int) -> ActorSink:
+        return sinks[index]
+
+    outcome = run_search(
+        plan,
+        datasets,
+        storage=RayStorage.on_store(data.store, "jobs/search/ray"),
+        run_name="search",
+        trial_base="jobs/search/trials",
+        make_sink=make_sink,
+    )
+
+    assert len(outcome.trials) == 4
+    assert sorted(t.index for t in outcome.trials) == [0, 1, 2, 3]
+    assert all(t.state in ("completed", "early_stopped") for t in outcome.trials)
+    # ASHA (grace 1, factor 2, sequential trials): every later trial below the running median
+    # at epoch 1 or 2 is stopped there. The ones it stopped ran fewer epochs than the maximum.
+    stopped = [t for t in outcome.trials if t.state == "early_stopped"]
+    assert stopped, "ASHA stopped no trial"
+    assert all(t.epochs < 3 for t in stopped)
+    assert any(t.state == "completed" and t.epochs == 3 for t in outcome.trials)
+
+    # The best trial is the one the weighted objective picks, recomputed from what each trial
+    # reported to its sink (every epoch's val AUROC and Δ_mean-DEO).
+    objective = spec.search.objective
+    recomputed = {
+        index: max(search_score(r.val, objective) for r in sink.records())
+        for index, sink in sinks.items()
+    }
+    assert set(recomputed) == {0, 1, 2, 3}
+    expected_best = max(recomputed, key=lambda i: (recomputed[i], -i))
+    assert outcome.best is not None and outcome.best.index == expected_best
+    assert math.isclose(outcome.best.best_objective, recomputed[expected_best], abs_tol=1e-6)
+    for trial in outcome.trials:
+        assert trial.epochs == len(sinks[trial.index].records())
+    # The Pareto front is marked on the trials and holds the best trial's point or one beating it.
+    assert any(t.pareto for t in outcome.trials)
+
+    # Its best checkpoint loads with load_student and reproduces the recorded val metrics.
+    best = outcome.best
+    local = download_checkpoint(data.store, best.checkpoint_base, "best", tmp_path)
+    student = load_student(local)
+    assert student.meta["spec"]["method_options"]["phi_lr"] == best.params["phi_lr"]
+    val = evaluate(student.model, student.preprocess, data.splits.val)
+    assert math.isclose(search_score(val, objective), best.best_objective, abs_tol=1e-6)
+    expected_prefix = f"jobs/search/trials/{best.index}/checkpoints/best"
+    assert join_key(best.checkpoint_base, "best") == expected_prefix

@@ -1,0 +1,127 @@
+"""A tiny FashionMNIST-S with EfficientNet teacher features in the moto S3 endpoint.
+
+Module-scoped, because precomputing features costs seconds and the Ray Train tests of a module
+all train on the same data. Imported by ``tests/integration/conftest.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+import pytest
+from botocore.config import Config
+
+from service.datasets import DatasetMeta
+from service.settings import Settings
+from service.spec import JobSpec
+from service.storage import LocalStore, S3Store
+from workers.features import FeatureSet
+
+DATASET_PREFIX = "datasets/fm"
+# 400 train rows (360 after BIRD's meta slice), 300 val, 200 test: seconds per epoch.
+SIZES = {"train_size": 400, "test_size": 100, "val_fraction": 0.005, "seed": 3}
+
+
+@dataclass
+class TrainData:
+    """Everything a training test needs: the store, its settings and the published features."""
+
+    store: S3Store
+    store_url: str
+    settings: Settings
+    features: FeatureSet
+    meta: DatasetMeta
+    splits: Any  # bird_core DatasetSplits (test split for independent evaluation)
+
+    def spec(self, **overrides: Any) -> JobSpec:
+        """A small job spec on this dataset; ``overrides`` replace top-level sections."""
+        base: dict[str, Any] = {
+            "dataset": {"uri": DATASET_PREFIX},
+            "student": {"model": "small_cnn", "options": {"width": 8, "embed_dim": 32}},
+            "method": {"name": "bird"},
+            "training": {"epochs": 2, "batch_size": 32},
+            "resources": {"workers": 1, "cpus_per_worker": 0.5},
+            "seed": 0,
+        }
+        base.update(overrides)
+        return JobSpec.model_validate(base)
+
+
+@pytest.fixture(scope="module")
+def train_data(s3_server: str, ray_local: None) -> Iterator[TrainData]:
+    """The dataset and its teacher features, in a bucket of their own."""
+    from service.datasets import read_dataset_meta
+    from workers.converters import prepare_fashion_mnist_s
+    from workers.datasets import load_splits
+    from workers.features import precompute_features
+    from workers.teachers import TeacherSource
+
+    bucket = f"bird-train-{uuid.uuid4().hex[:12]}"
+    keys = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server,
+        region_name="us-east-1",
+        config=Config(s3={"addressing_style": "path"}),
+        **keys,
+    )
+    client.create_bucket(Bucket=bucket)
+    settings = Settings(
+        s3_endpoint_url=s3_server,
+        s3_access_key_id=keys["aws_access_key_id"],
+        s3_secret_access_key=keys["aws_secret_access_key"],
+        store_url=f"s3://{bucket}/bird",
+    )
+    store = S3Store(
+        bucket=bucket,
+        prefix="bird",
+        endpoint_url=s3_server,
+        region="us-east-1",
+        access_key_id="testing",
+        secret_access_key="testing",
+    )
+    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+    prepare_fashion_mnist_s(store, DATASET_PREFIX, **SIZES)
+    splits = load_splits(store, DATASET_PREFIX)
+    features = precompute_features(
+        store,
+        DATASET_PREFIX,
+        TeacherSource(kind="efficientnet_lite0_probe", num_classes=10, image_size=32),
+        dataset_preprocessing=splits.preprocessing,
+        batch_size=128,
+        probe_epochs=3,
+    )
+    meta = read_dataset_meta(store, DATASET_PREFIX)
+    yield TrainData(store, f"s3://{bucket}/bird", settings, features, meta, splits)
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket):
+        for item in page.get("Contents", []):
+            client.delete_object(Bucket=bucket, Key=item["Key"])
+    client.delete_bucket(Bucket=bucket)
+
+
+@pytest.fixture(scope="module")
+def train_data_local(train_data: TrainData, tmp_path_factory: pytest.TempPathFactory) -> TrainData:
+    """The same dataset and features copied into a local-directory store.
+
+    Tests that are about Ray Train rather than S3 run here: the moto server answers from a
+    thread of the test process, and every Ray storage request to it costs test time.
+    """
+    root = tmp_path_factory.mktemp("train-local")
+    store = LocalStore(root)
+    for prefix in (DATASET_PREFIX, train_data.features.prefix):
+        for info in train_data.store.list(prefix):
+            store.put_bytes(info.key, train_data.store.get_bytes(info.key))
+    return TrainData(
+        store,
+        str(root),
+        Settings(data_dir=root),
+        train_data.features,
+        train_data.meta,
+        train_data.splits,
+    )

@@ -1,0 +1,252 @@
+"""The search over method options (φ learning rate, loss weights) with Ray Tune and ASHA.
+
+Train V2 pattern: the Tuner runs a *driver function* per trial; the function builds a
+``TorchTrainer`` whose ``RunConfig`` carries ``TuneReportCallback`` (metrics reach Tune, which
+ASHA reads to stop weak trials early) and the job's metrics sink (each trial's epochs reach the
+jobs database with its trial index).
+
+The objective is fairness-aware and stated in the spec (``search.objective``):
+
+* ``constrained``: maximise val AUROC among epochs whose Δ_mean-DEO ≤ the bound; an epoch over
+  the bound scores below every epoch within it (−1000 − Δ_mean-DEO).
+* ``weighted``: maximise AUROC − weight · Δ_mean-DEO.
+
+Each trial publishes its own ``best``/``last`` under ``<job>/trials/<i>/checkpoints``; the best
+trial's ``best`` becomes the job's ``best``. The Pareto front of (AUROC ↑, Δ_mean-DEO ↓) over the
+trials' best epochs is recorded with the trials.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+
+from bird_core.methods import create_method
+from service.spec import Distribution, JobSpec
+from workers.sinks import MetricsSink
+from workers.train import RayStorage, TrainPlan, run_training, search_score
+
+__all__ = [
+    "SEARCH_METRIC",
+    "SearchOutcome",
+    "TrialOutcome",
+    "check_space",
+    "pareto_front",
+    "run_search",
+    "search_score",
+    "tune_space",
+]
+
+# What ASHA and the best-trial choice read: the loop's objective, which under a search is
+# workers.train.search_score of the spec's search objective.
+SEARCH_METRIC = "objective"
+
+
+def tune_space(space: dict[str, Distribution]) -> dict[str, Any]:
+    """The spec's search space as Ray Tune sampling domains."""
+    domains: dict[str, Any] = {}
+    for name, dist in space.items():
+        if dist.kind == "loguniform":
+            domains[name] = tune.loguniform(dist.low, dist.high)
+        elif dist.kind == "uniform":
+            domains[name] = tune.uniform(dist.low, dist.high)
+        else:
+            domains[name] = tune.choice(list(dist.values or []))
+    return domains
+
+
+def check_space(spec: JobSpec, base_options: dict[str, Any]) -> None:
+    """Raise a ValueError naming the dimension when a value the space can give is invalid.
+
+    Each range's ends and each choice are tried on the method's own option checks, so a bad
+    space fails the job before any trial starts instead of failing trials one by one.
+    """
+    if spec.search is None:
+        return
+    for name, dist in spec.search.space.items():
+        candidates = dist.values if dist.kind == "choice" else [dist.low, dist.high]
+        for value in candidates or []:
+            try:
+                create_method(spec.method.name, **{**base_options, name: value})
+            except (TypeError, ValueError) as error:
+                raise ValueError(
+                    f"search space {name!r}: value {value!r} is invalid: {error}"
+                ) from None
+
+
+def pareto_front(points: dict[int, tuple[float, float]]) -> set[int]:
+    """Keys of the points no other point beats on both AUROC (higher) and Δ-DEO (lower)."""
+    front = set()
+    for key, (auroc, deo) in points.items():
+        dominated = any(
+            (a >= auroc and d <= deo) and (a > auroc or d < deo)
+            for other, (a, d) in points.items()
+            if other != key
+        )
+        if not dominated:
+            front.add(key)
+    return front
+
+
+@dataclass
+class TrialOutcome:
+    """One trial: its parameters, epochs run, best epoch's metrics, state."""
+
+    index: int
+    params: dict[str, Any]
+    epochs: int
+    best_objective: float
+    best_val: dict[str, Any]
+    state: str  # "completed", "early_stopped" or "error"
+    checkpoint_base: str
+    error: str | None = None
+    pareto: bool = False
+
+
+@dataclass
+class SearchOutcome:
+    """The search's trials and which one won."""
+
+    trials: list[TrialOutcome] = field(default_factory=list)
+    best: TrialOutcome | None = None
+
+
+def _trial_index() -> int:
+    # Tune names trials <experiment>_<5-digit counter>; the counter is the trial's index.
+    return int(tune.get_context().get_trial_id().rsplit("_", 1)[-1])
+
+
+def _trial_driver(
+    config: dict[str, Any],
+    plan: TrainPlan,
+    datasets: dict[str, Any],
+    storage_path: str,
+    storage_filesystem: Any,
+    trial_base: str,
+    make_sink: Callable[[int], MetricsSink | None],
+) -> None:
+    """A Tune trial: one ``TorchTrainer`` with the sampled options, reporting to Tune."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    index = _trial_index()
+    trial_plan = replace(
+        plan,
+        method_options={**plan.method_options, **config},
+        trial=index,
+        checkpoint_base=f"{trial_base}/{index}/checkpoints",
+    )
+    run_training(
+        trial_plan,
+        datasets,
+        storage=RayStorage(storage_path, storage_filesystem),
+        run_name=f"trial-{index}",
+        sink=make_sink(index),
+        callbacks=[TuneReportCallback()],
+    )
+
+
+def run_search(
+    plan: TrainPlan,
+    datasets: dict[str, Any],
+    *,
+    storage: RayStorage,
+    run_name: str,
+    trial_base: str,
+    make_sink: Callable[[int], MetricsSink | None] = lambda index: None,
+) -> SearchOutcome:
+    """Run the spec's search; return every trial's outcome and the best one.
+
+    ``trial_base`` is the store prefix under which trial ``i`` publishes its checkpoints
+    (``<trial_base>/<i>/checkpoints/{best,last}``). ``make_sink(i)`` gives trial ``i``'s sink.
+    """
+    spec: JobSpec = plan.job
+    search = spec.search
+    if search is None:
+        raise ValueError("the job spec has no search section")
+    check_space(spec, plan.method_options)
+    scheduler = ASHAScheduler(
+        time_attr="epoch",
+        max_t=spec.training.epochs,
+        grace_period=min(search.grace_period, spec.training.epochs),
+        reduction_factor=search.reduction_factor,
+    )
+    driver = tune.with_parameters(
+        _trial_driver,
+        plan=plan,
+        datasets=datasets,
+        storage_path=storage.path,
+        storage_filesystem=storage.filesystem,
+        trial_base=trial_base,
+        make_sink=make_sink,
+    )
+    tuner = tune.Tuner(
+        # The driver only waits on its TorchTrainer: a sliver of a CPU (Tune refuses none).
+        tune.with_resources(driver, {"CPU": 0.01}),
+        param_space=tune_space(search.space),
+        tune_config=tune.TuneConfig(
+            metric=SEARCH_METRIC,
+            mode="max",
+            scheduler=scheduler,
+            num_samples=search.num_samples,
+            # Seeded so a job's trials are reproducible; the generator enforces the limit on
+            # concurrent trials itself (TuneConfig's is ignored beside a generator instance).
+            search_alg=tune.search.BasicVariantGenerator(
+                random_state=spec.seed, max_concurrent=search.max_concurrent_trials
+            ),
+        ),
+        run_config=tune.RunConfig(
+            name=run_name,
+            storage_path=storage.path,
+            storage_filesystem=storage.filesystem,
+        ),
+    )
+    grid = tuner.fit()
+    outcome = SearchOutcome()
+    for result in grid:
+        history = result.metrics_dataframe
+        params = {k: result.config[k] for k in search.space}
+        trial_id = (result.metrics or {}).get("trial_id") or ""
+        index = int(str(trial_id).rsplit("_", 1)[-1]) if trial_id else len(outcome.trials)
+        epochs = int(history["epoch"].max()) if history is not None and len(history) else 0
+        best_objective, best_val = -math.inf, {}
+        if history is not None and len(history):
+            row = history.loc[history[SEARCH_METRIC].idxmax()]
+            best_objective = float(row[SEARCH_METRIC])
+            best_val = {
+                "auroc": float(row["val_auroc"]),
+                "delta_mean_deo": float(row["val_delta_mean_deo"]),
+                "epoch": int(row["epoch"]),
+            }
+        if result.error is not None:
+            state = "error"
+        elif epochs < spec.training.epochs:
+            state = "early_stopped"
+        else:
+            state = "completed"
+        outcome.trials.append(
+            TrialOutcome(
+                index=index,
+                params=params,
+                epochs=epochs,
+                best_objective=best_objective,
+                best_val=best_val,
+                state=state,
+                checkpoint_base=f"{trial_base}/{index}/checkpoints",
+                error=None if result.error is None else str(result.error),
+            )
+        )
+    outcome.trials.sort(key=lambda t: t.index)
+    scored = {t.index: t for t in outcome.trials if math.isfinite(t.best_objective)}
+    front = pareto_front(
+        {i: (t.best_val["auroc"], t.best_val["delta_mean_deo"]) for i, t in scored.items()}
+    )
+    for trial in outcome.trials:
+        trial.pareto = trial.index in front
+    if scored:
+        outcome.best = max(scored.values(), key=lambda t: (t.best_objective, -t.index))
+    return outcome
