@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
+from service.cli_jobs import jobs_app
+
 if TYPE_CHECKING:
     from service.storage import ObjectStore
 
@@ -434,6 +436,7 @@ def db_upgrade() -> None:
 
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True, add_completion=False)
 app.add_typer(keys_app, name="keys")
+app.add_typer(jobs_app, name="jobs")
 
 
 @keys_app.command("create")

@@ -11,6 +11,7 @@ Add fixtures for other servers (PostgreSQL, Ray, ...) in their own section below
 from __future__ import annotations
 
 import json
+import logging
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,6 +25,14 @@ from moto.server import ThreadedMotoServer
 
 from service.settings import Settings
 from service.storage import LocalStore, ObjectStore, S3Store
+from tests.integration.api_fixtures import (  # noqa: F401
+    _api_local_server,
+    _api_s3_server,
+    live_api,
+    live_api_local,
+    tiny_dataset,
+    tiny_dataset_local,
+)
 
 # The database fixtures live in db_fixtures.py; importing them here makes them visible to every
 # integration test module.
@@ -37,6 +46,7 @@ from tests.integration.db_fixtures import (  # noqa: F401
     sqlite_empty_url,
     sqlite_url,
 )
+from tests.integration.train_fixtures import train_data, train_data_local  # noqa: F401
 
 # ============================================================================================
 # Object storage
@@ -84,6 +94,8 @@ def s3_server() -> Iterator[str]:
     free port first and binding it later. The server runs in a thread of this process, so
     clients in other processes (Ray workers) can reach it too.
     """
+    # One INFO line per request, formatted and captured by pytest, costs the server time.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     with pytest.MonkeyPatch.context() as patch:
         _fix_complete_multipart_root(patch)
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -258,7 +270,14 @@ def ray_local() -> Iterator[None]:
         log_to_driver=False,
         configure_logging=False,
         # Workers inherit this process's environment; keep them from touching real AWS.
-        runtime_env={"env_vars": {"AWS_EC2_METADATA_DISABLED": "true"}},
+        runtime_env={
+            "env_vars": {
+                "AWS_EC2_METADATA_DISABLED": "true",
+                # The Train controller polls its workers every 2 s by default; each Ray Train
+                # test run would spend seconds waiting on that poll alone.
+                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+            }
+        },
     )
     try:
         yield

@@ -1,0 +1,547 @@
+"""API latency under concurrent clients, and queue claim throughput, on PostgreSQL.
+
+Two servers run side by side in one run, each a separate uvicorn process with one worker:
+
+* the bird API (``service.api.create_app``) on PostgreSQL (a fresh schema, dropped after) and a
+  local store holding a tiny dataset;
+* a bare FastAPI app with one endpoint, ``GET /ping`` → ``{}``: the floor that FastAPI, uvicorn,
+  the loopback and the load generator cost by themselves.
+
+Closed-loop clients (default 50: asyncio keep-alive connections in this process, through a
+minimal HTTP/1.1 client that costs less CPU than the servers it measures) hammer one endpoint at a
+time; the table gives p50/p99 latency and throughput, and each endpoint's ratio to the bare
+one. Endpoints: ``POST /jobs`` (a new job each time), ``GET /jobs/{id}``,
+``GET /jobs/{id}/metrics`` (first poll: the whole series of a job with ~100 metric rows) and
+``GET /jobs/{id}/metrics?since=<latest>`` (an incremental poll).
+
+Then claim throughput: N queued jobs (default 2,000), 8 claimer threads calling
+``service.queue.claim`` until the queue is empty; every job must be claimed exactly once.
+
+Targets on a 2-core machine: p99 < 50 ms at 50 concurrent clients (each bird endpoint), and at
+least 300 claims/s. The load generator shares the two cores with the server, so the figures are
+pessimistic for a real deployment; the ratios compare like with like.
+
+    python bench/api_load.py [--quick] [--clients 50] [--seconds 5] [--claim-jobs 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import insert, text
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from service import queue  # noqa: E402
+from service.auth import create_key  # noqa: E402
+from service.db import make_engine, session_factory, upgrade  # noqa: E402
+from service.models import Job, JobState  # noqa: E402
+
+PG_ADMIN_URL = os.environ.get(
+    "BIRD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+P99_TARGET_MS = 50.0
+CLAIMS_TARGET = 300.0
+DATASET = "datasets/tiny"
+
+
+# --------------------------------------------------------------------------------------------
+# Server processes
+# --------------------------------------------------------------------------------------------
+
+
+def _serve(kind: str, port_fd: int) -> None:
+    """Child process: build the app, bind a free loopback port, report it, serve forever."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    if kind == "bare":
+        app = FastAPI()
+
+        @app.get("/ping")
+        def ping() -> dict:
+            return {}
+
+    else:
+        from service.api import create_app
+        from service.settings import Settings
+
+        app = create_app(Settings())  # everything from the BIRD_* environment
+    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted connections only when the
+    # listening socket says TCP explicitly; with proto 0, Nagle and delayed ACKs add 40 ms to
+    # every response that uvicorn writes in two pieces (headers, body).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    os.write(port_fd, f"{sock.getsockname()[1]}\n".encode())
+    os.close(port_fd)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, backlog=2048)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+class ServerProcess:
+    """A server (``bird`` or ``bare``) in its own process, on a port it picks itself."""
+
+    def __init__(self, kind: str, env: dict[str, str]) -> None:
+        read_fd, write_fd = os.pipe()
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--serve", kind, "--port-fd", str(write_fd)],
+            env={**os.environ, **env, "PYTHONPATH": str(REPO_ROOT)},
+            pass_fds=(write_fd,),
+        )
+        os.close(write_fd)
+        with os.fdopen(read_fd) as reader:
+            line = reader.readline()
+        if not line.strip():
+            self.process.kill()
+            raise RuntimeError(f"the {kind} server did not start")
+        self.base_url = f"http://127.0.0.1:{int(line)}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                path = "/ping" if kind == "bare" else "/healthz"
+                if httpx.get(self.base_url + path, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"the {kind} server did not answer")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Stop the server process (it started with this object, so it is ours to end)."""
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+# --------------------------------------------------------------------------------------------
+# Load
+# --------------------------------------------------------------------------------------------
+
+
+class _Connection:
+    """A minimal HTTP/1.1 keep-alive client connection on asyncio streams.
+
+    The load generator shares the two cores with the servers, so it must cost as little as
+    possible: httpx's AsyncClient spends more CPU per request than the bare server does (with
+    50 connections it caps near 100 req/s here), which would measure the client, not the API.
+    """
+
+    def __init__(self, host: str, port: int, headers: dict[str, str]) -> None:
+        self.host, self.port = host, port
+        self.extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, method: str, path: str, body: bytes | None) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n{self.extra}"
+        if body is not None:
+            head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        self.writer.write(head.encode() + b"\r\n" + (body or b""))
+        raw = await self.reader.readuntil(b"\r\n\r\n")
+        lines = raw.split(b"\r\n")
+        status = int(lines[0].split()[1])
+        fields = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            fields[name.strip().lower()] = value.strip()
+        if b"content-length" in fields:
+            payload = await self.reader.readexactly(int(fields[b"content-length"]))
+        else:  # chunked
+            parts = []
+            while (size := int((await self.reader.readuntil(b"\r\n")).strip(), 16)) > 0:
+                parts.append(await self.reader.readexactly(size))
+                await self.reader.readexactly(2)
+            await self.reader.readuntil(b"\r\n")
+            payload = b"".join(parts)
+        return status, payload
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+async def _load(
+    base_url: str,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    body: Any,
+    clients: int,
+    seconds: float,
+    warmup_s: float,
+    rate: float | None = None,
+) -> dict[str, Any]:
+    """``clients`` clients for ``warmup_s`` + ``seconds``; the latency of the measured part.
+
+    ``rate=None``: a closed loop — each client sends its next request as soon as the previous
+    answer is read, so the load is whatever the server sustains (its saturation throughput).
+    ``rate=r``: paced — each client sends ``r`` requests per second at fixed times (random
+    phase), and latency counts from the scheduled time, so a server that falls behind is
+    charged for the queueing it causes (no coordinated omission).
+    """
+    host, port = base_url.removeprefix("http://").rsplit(":", 1)
+    latencies: list[float] = []
+    errors: dict[int, int] = {}
+    start = time.perf_counter()
+    measure_from = start + warmup_s
+    stop_at = measure_from + seconds
+    rng = random.Random(0)
+
+    async def one_client() -> None:
+        connection = _Connection(host, int(port), headers)
+        period = 1.0 / rate if rate else 0.0
+        scheduled = start + rng.random() * period
+        try:
+            while True:
+                now = time.perf_counter()
+                if rate:
+                    if scheduled > now:
+                        await asyncio.sleep(scheduled - now)
+                    sent = scheduled
+                    scheduled += period
+                else:
+                    sent = now
+                if sent >= stop_at:
+                    return
+                payload = body() if callable(body) else body
+                content = json.dumps(payload).encode() if payload is not None else None
+                status, _ = await connection.request(method, path, content)
+                done = time.perf_counter()
+                if status >= 400:
+                    errors[status] = errors.get(status, 0) + 1
+                if sent >= measure_from:
+                    latencies.append(done - sent)
+        finally:
+            connection.close()
+
+    await asyncio.gather(*(one_client() for _ in range(clients)))
+    elapsed = time.perf_counter() - measure_from
+    latencies.sort()
+    n = len(latencies)
+    return {
+        "mode": "closed" if rate is None else f"paced {rate:g}/s per client",
+        "requests": n,
+        "errors": errors,
+        "throughput_rps": n / elapsed,
+        "p50_ms": 1000 * latencies[n // 2] if n else None,
+        "p99_ms": 1000 * latencies[min(n - 1, int(n * 0.99))] if n else None,
+        "mean_ms": 1000 * statistics.fmean(latencies) if n else None,
+    }
+
+
+def _metric_rows(epochs: int = 4) -> list[dict[str, Any]]:
+    """About what the worker records for a short run: ~25 points per epoch, plus the test."""
+    rows: list[dict[str, Any]] = []
+    for epoch in range(epochs):
+        for name in ("loss", "kd", "ce"):
+            rows.append(
+                {"split": "train", "name": name, "value": 1.0 / (epoch + 1), "epoch": epoch}
+            )
+        for name in ("auroc", "f1", "accuracy", "delta_mean_deo", "delta_max_deo"):
+            rows.append({"split": "val", "name": name, "value": 0.5 + epoch / 10, "epoch": epoch})
+        for group in (0, 1):
+            for field in ("count", "accuracy", "tpr", "fpr"):
+                rows.append(
+                    {"split": "val", "name": f"group/{group}/{field}", "value": 0.5, "epoch": epoch}
+                )
+    rows += [{"split": "test", "name": "auroc", "value": 0.9}]
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Claims
+# --------------------------------------------------------------------------------------------
+
+
+def _claims(url: str, tenant_id: int, jobs: int, threads: int) -> dict[str, Any]:
+    """Queue ``jobs`` jobs, then drain the queue with ``threads`` claimers; claims/s."""
+    engine = make_engine(url, pool_size=threads + 2, max_overflow=0)
+    try:
+        with engine.begin() as connection:
+            # Leave the API benchmark's jobs out of the count.
+            connection.execute(text("UPDATE jobs SET state = 'cancelled' WHERE state = 'queued'"))
+            connection.execute(
+                insert(Job),
+                [
+                    {
+                        "tenant_id": tenant_id,
+                        "spec": {"dataset": {"uri": DATASET}, "n": i},
+                        "state": JobState.QUEUED,
+                        "priority": i % 3,
+                    }
+                    for i in range(jobs)
+                ],
+            )
+        claimed: list[list[int]] = [[] for _ in range(threads)]
+        barrier = threading.Barrier(threads + 1)
+
+        def claimer(index: int) -> None:
+            with session_factory(engine)() as session:
+                barrier.wait()
+                while (job := queue.claim(session, f"bench-{index}", 60)) is not None:
+                    claimed[index].append(job.id)
+
+        workers = [threading.Thread(target=claimer, args=(i,)) for i in range(threads)]
+        for worker in workers:
+            worker.start()
+        barrier.wait()
+        start = time.perf_counter()
+        for worker in workers:
+            worker.join()
+        elapsed = time.perf_counter() - start
+    finally:
+        engine.dispose()
+    ids = [job_id for per_thread in claimed for job_id in per_thread]
+    return {
+        "jobs": jobs,
+        "threads": threads,
+        "claimed": len(ids),
+        "claimed_exactly_once": len(ids) == len(set(ids)) == jobs,
+        "seconds": elapsed,
+        "claims_per_s": len(ids) / elapsed,
+        "per_thread": [len(per_thread) for per_thread in claimed],
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
+
+
+def _setup_schema() -> tuple[str, str]:
+    from sqlalchemy import make_url
+
+    admin = make_engine(PG_ADMIN_URL, connect_args={"connect_timeout": 5})
+    schema = f"bench_{uuid.uuid4().hex[:12]}"
+    with admin.begin() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    admin.dispose()
+    url = make_url(PG_ADMIN_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+    upgrade(url)
+    return schema, url.render_as_string(hide_password=False)
+
+
+def _drop_schema(schema: str) -> None:
+    admin = make_engine(PG_ADMIN_URL, connect_args={"connect_timeout": 5})
+    with admin.begin() as connection:
+        connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+    admin.dispose()
+
+
+def _print_table(rows: dict[str, dict[str, Any]], bare: dict[str, Any]) -> None:
+    header = (
+        f"{'endpoint':<34} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'p99 ×bare':>10} "
+        f"{'rps ×bare':>10} {'errors':>7}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, row in rows.items():
+        p99_ratio = row["p99_ms"] / bare["p99_ms"]
+        rps_ratio = row["throughput_rps"] / bare["throughput_rps"]
+        row["p99_ratio_vs_bare"] = p99_ratio
+        row["throughput_ratio_vs_bare"] = rps_ratio
+        print(
+            f"{name:<34} {row['p50_ms']:>8.1f} {row['p99_ms']:>8.1f} {row['throughput_rps']:>8.0f}"
+            f" {p99_ratio:>10.2f} {rps_ratio:>10.2f} {sum(row['errors'].values()):>7}"
+        )
+
+
+def main() -> None:
+    """Run the benchmark; print the table and write the JSON result."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="A short run (smoke test).")
+    parser.add_argument("--clients", type=int, default=50, help="Concurrent clients.")
+    parser.add_argument("--seconds", type=float, default=None, help="Measured seconds each.")
+    parser.add_argument(
+        "--rate", type=float, default=2.0, help="Paced mode: requests/s per client."
+    )
+    parser.add_argument("--claim-jobs", type=int, default=None, help="Jobs to claim.")
+    parser.add_argument("--claimers", type=int, default=8, help="Claimer threads.")
+    parser.add_argument(
+        "--out", type=Path, default=REPO_ROOT / "bench" / "results" / "api_load.json"
+    )
+    parser.add_argument("--serve", choices=["bird", "bare"], help=argparse.SUPPRESS)
+    parser.add_argument("--port-fd", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        _serve(args.serve, args.port_fd)
+        return
+
+    seconds = args.seconds or (1.5 if args.quick else 6.0)
+    warmup = 0.5 if args.quick else 1.5
+    claim_jobs = args.claim_jobs or (300 if args.quick else 2000)
+
+    schema, url = _setup_schema()
+    servers: list[ServerProcess] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="bird-bench-") as tmp:
+            import numpy as np
+
+            from service.datasets import DatasetArrays, DatasetMeta, write_dataset
+            from service.storage import LocalStore
+
+            store = LocalStore(Path(tmp) / "store")
+            meta = DatasetMeta(
+                name="tiny", task="multiclass", input="tabular", num_classes=2, num_groups=2,
+                num_features=3,
+            )  # fmt: skip
+            split = DatasetArrays(label=np.array([0, 1]), group=np.array([0, 1]), x=np.ones((2, 3)))
+            write_dataset(
+                store, DATASET, splits={"train": split, "val": split, "test": split}, meta=meta
+            )
+
+            engine = make_engine(url)
+            with session_factory(engine)() as session:
+                key = create_key(session, "bench")
+                spec = {"dataset": {"uri": DATASET}, "method": {"name": "bkd"}}
+                job = queue.submit(session, key.tenant_id, spec)
+                rows = _metric_rows()
+                queue.record_metrics(session, job.id, rows)
+            engine.dispose()
+
+            env = {
+                "BIRD_DATABASE_URL": url,
+                "BIRD_STORE_URL": str(store.root),
+                "BIRD_DATA_DIR": tmp,
+            }
+            bird = ServerProcess("bird", env)
+            servers.append(bird)
+            bare = ServerProcess("bare", {})
+            servers.append(bare)
+            auth = {"Authorization": f"Bearer {key.key}"}
+            latest = httpx.get(f"{bird.base_url}/jobs/{job.id}/metrics", headers=auth).json()
+
+            counter = iter(range(10**9))
+
+            def new_spec() -> dict[str, Any]:
+                return {
+                    "dataset": {"uri": DATASET},
+                    "method": {"name": "bkd"},
+                    "seed": next(counter) % 1000,
+                }
+
+            plan = [
+                ("bare GET /ping", bare.base_url, "GET", "/ping", {}, None),
+                ("POST /jobs", bird.base_url, "POST", "/jobs", auth, new_spec),
+                ("GET /jobs/{id}", bird.base_url, "GET", f"/jobs/{job.id}", auth, None),
+                (
+                    f"GET /jobs/{{id}}/metrics ({len(rows)} pts)",
+                    bird.base_url, "GET", f"/jobs/{job.id}/metrics", auth, None,
+                ),
+                (
+                    "GET /jobs/{id}/metrics?since=last",
+                    bird.base_url, "GET",
+                    f"/jobs/{job.id}/metrics?since={latest['next_since']}", auth, None,
+                ),
+            ]  # fmt: skip
+            results: dict[str, dict[str, dict[str, Any]]] = {"closed": {}, "paced": {}}
+            for name, base_url, method, path, headers, body in plan:
+                for mode, rate in (("closed", None), ("paced", args.rate)):
+                    results[mode][name] = asyncio.run(
+                        _load(
+                            base_url,
+                            method,
+                            path,
+                            headers,
+                            body,
+                            args.clients,
+                            seconds,
+                            warmup,
+                            rate,
+                        )
+                    )
+            for server in servers:
+                server.stop()
+            servers.clear()
+
+            print(
+                f"\n{args.clients} concurrent clients per endpoint, {seconds:g} s measured after "
+                f"{warmup:g} s warm-up; one uvicorn worker per server; load average "
+                f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+            )
+            print("\nclosed loop (each client sends again as soon as answered: saturation)\n")
+            _print_table(results["closed"], results["closed"]["bare GET /ping"])
+            offered = args.clients * args.rate
+            print(
+                f"\npaced ({args.rate:g} requests/s per client = {offered:g} req/s offered; "
+                "latency from the scheduled send time)\n"
+            )
+            _print_table(results["paced"], results["paced"]["bare GET /ping"])
+
+            claims = _claims(url, key.tenant_id, claim_jobs, args.claimers)
+    finally:
+        for server in servers:
+            server.stop()
+        _drop_schema(schema)
+
+    paced = {k: v for k, v in results["paced"].items() if not k.startswith("bare")}
+    worst_p99 = max(row["p99_ms"] for row in paced.values())
+    p99_met = worst_p99 < P99_TARGET_MS
+    closed = {k: v for k, v in results["closed"].items() if not k.startswith("bare")}
+    worst_closed_p99 = max(row["p99_ms"] for row in closed.values())
+    claims_met = claims["claims_per_s"] >= CLAIMS_TARGET and claims["claimed_exactly_once"]
+    print(
+        f"\nclaims: {claims['claimed']} jobs by {claims['threads']} threads in "
+        f"{claims['seconds']:.2f} s = {claims['claims_per_s']:.0f} claims/s "
+        f"(exactly once: {claims['claimed_exactly_once']}; per thread {claims['per_thread']})"
+    )
+    print(
+        f"\ntarget p99 < {P99_TARGET_MS:g} ms at {args.clients} clients (paced, "
+        f"{offered:g} req/s): {'MET' if p99_met else 'NOT MET'} (worst bird endpoint p99 "
+        f"{worst_p99:.1f} ms; closed loop {worst_closed_p99:.1f} ms)"
+    )
+    print(
+        f"target >= {CLAIMS_TARGET:g} claims/s: {'MET' if claims_met else 'NOT MET'} "
+        f"({claims['claims_per_s']:.0f} claims/s)"
+    )
+    result = {
+        "benchmark": "api_load",
+        "quick": args.quick,
+        "clients": args.clients,
+        "paced_rate_per_client": args.rate,
+        "seconds_per_endpoint": seconds,
+        "cpu_count": os.cpu_count(),
+        "load_average_after": os.getloadavg()[0],
+        "endpoints": results,
+        "claims": claims,
+        "targets": {
+            "p99_ms": P99_TARGET_MS,
+            "p99_met": p99_met,
+            "worst_p99_ms": worst_p99,
+            "worst_closed_loop_p99_ms": worst_closed_p99,
+            "claims_per_s": CLAIMS_TARGET,
+            "claims_met": claims_met,
+        },
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""The FastAPI application: ``create_app(settings)`` wires settings, database, store and routes.
+
+Errors are answered as JSON ``{"detail": ...}`` with the status that says whose fault it was:
+unknown or foreign job 404, a transition the job's state forbids 409, bad input 422 (FastAPI's
+field-level shape), the database or object store unreachable 503. A 500 means a bug; its
+traceback goes to the log, never to the client. Nothing secret is logged: not the keys, not the
+Authorization header, not the database URL's password.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy import Engine
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from service import queue
+from service.api.deps import AppState
+from service.api.routes import checkpoints, health, jobs
+from service.db import make_engine, session_factory
+from service.settings import Settings
+from service.storage import (
+    InvalidKeyError,
+    ObjectNotFoundError,
+    ObjectStore,
+    StorageError,
+    store_from_settings,
+)
+
+__all__ = ["DASHBOARD_DIR", "create_app"]
+
+log = logging.getLogger("bird.api")
+
+DASHBOARD_DIR = Path(__file__).resolve().parent.parent / "dashboard"
+
+# Connections per API process on PostgreSQL. FastAPI runs sync endpoints on a pool of 40
+# threads; pool + overflow = 40 means no request thread ever waits for a connection.
+PG_POOL_SIZE = 20
+PG_MAX_OVERFLOW = 20
+
+_DESCRIPTION = """
+Fair knowledge distillation as a service. Submit a job spec (dataset, teacher, student, method,
+hyper-parameters, optional search), follow its state and metrics, download the distilled
+student.
+
+Every endpoint except `/healthz` and `/readyz` needs `Authorization: Bearer <API key>`; a job is
+visible only to its tenant.
+"""
+
+
+def _detail(code: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=code, headers=headers)
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinities replaced by None (JSON has no such numbers)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def _register_errors(app: FastAPI) -> None:
+    """Map the service layer's exceptions to HTTP answers."""
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's shape (loc, msg, type, input), but an input holding NaN (Python's JSON
+        # parser accepts it) must not turn a 422 into a 500 while rendering.
+        errors = _json_safe(jsonable_encoder(exc.errors()))
+        return JSONResponse({"detail": errors}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+    @app.exception_handler(queue.JobNotFound)
+    async def job_not_found(_request: Request, exc: queue.JobNotFound) -> JSONResponse:
+        return _detail(status.HTTP_404_NOT_FOUND, str(exc))
+
+    @app.exception_handler(queue.IllegalTransition)
+    async def illegal_transition(_request: Request, exc: queue.IllegalTransition) -> JSONResponse:
+        return _detail(status.HTTP_409_CONFLICT, str(exc))
+
+    @app.exception_handler(queue.IdempotencyConflict)
+    async def idempotency_conflict(
+        _request: Request, exc: queue.IdempotencyConflict
+    ) -> JSONResponse:
+        return _detail(status.HTTP_409_CONFLICT, str(exc))
+
+    @app.exception_handler(StorageError)
+    async def storage_error(_request: Request, exc: StorageError) -> JSONResponse:
+        if isinstance(exc, ObjectNotFoundError):
+            return _detail(status.HTTP_404_NOT_FOUND, str(exc))
+        if isinstance(exc, InvalidKeyError):
+            return _detail(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc))
+        log.warning("object store error: %s", exc)
+        return _detail(status.HTTP_503_SERVICE_UNAVAILABLE, f"object store unavailable: {exc}")
+
+    async def database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+        # The message of a connection error names host and port, never the password.
+        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        log.warning("database unavailable: %s", first[0] if first else type(exc).__name__)
+        return _detail(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "database unavailable; try again shortly",
+            headers={"Retry-After": "5"},
+        )
+
+    for exc_class in (OperationalError, InterfaceError, PoolTimeoutError):
+        app.add_exception_handler(exc_class, database_unavailable)
+
+    @app.exception_handler(DataError)
+    async def data_error(_request: Request, exc: DataError) -> JSONResponse:
+        # A value the schema let through but the database refuses (out of its range).
+        return _detail(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, "a value is out of range for the database"
+        )
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _detail(status.HTTP_500_INTERNAL_SERVER_ERROR, "internal server error")
+
+
+def _make_engine(settings: Settings) -> Engine:
+    url = settings.resolved_database_url
+    if url.startswith("postgresql"):
+        return make_engine(url, pool_size=PG_POOL_SIZE, max_overflow=PG_MAX_OVERFLOW)
+    return make_engine(url)
+
+
+def create_app(
+    settings: Settings, *, engine: Engine | None = None, store: ObjectStore | None = None
+) -> FastAPI:
+    """The bird API for ``settings``.
+
+    ``engine`` and ``store`` default to the database and object store the settings name (an
+    engine created here is disposed when the app shuts down; one passed in belongs to the
+    caller). The database must already be migrated (``bird db upgrade``).
+    """
+    owns_engine = engine is None
+    engine = engine if engine is not None else _make_engine(settings)
+    store = store if store is not None else store_from_settings(settings)
+    state = AppState(
+        settings=settings, engine=engine, sessions=session_factory(engine), store=store
+    )
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            state.probes.shutdown(wait=False, cancel_futures=True)
+            if owns_engine:
+                engine.dispose()
+
+    app = FastAPI(
+        title="bird",
+        version="0.1.0",
+        summary="Fair knowledge distillation as a service",
+        description=_DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.bird = state
+    _register_errors(app)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    app.include_router(checkpoints.router)
+
+    if DASHBOARD_DIR.is_dir():
+        app.mount("/ui", StaticFiles(directory=DASHBOARD_DIR, html=True), name="ui")
+
+        @app.get("/", include_in_schema=False)
+        def root() -> RedirectResponse:
+            return RedirectResponse("/ui/")
+
+    return app

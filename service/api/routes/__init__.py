@@ -1,0 +1,2 @@
+"""The API's routers: ``health`` (probes), ``jobs`` (jobs and what they produce) and
+``checkpoints`` (downloads)."""

@@ -1,0 +1,441 @@
+"""``/jobs``: submit, list, show and cancel jobs; their metrics, trials, events and logs.
+
+Every route here needs a bearer key, and a job is visible only to its tenant: another tenant's
+job id answers 404, exactly like an id that does not exist.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, HTTPException, Path, Query, Response, status
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.orm import Session
+
+from service import queue
+from service.api.deps import (
+    AppState,
+    Caller,
+    CallerDep,
+    SessionDep,
+    StateDep,
+    UnresolvableURI,
+)
+from service.api.schemas import (
+    EventPublic,
+    GroupRow,
+    JobCreate,
+    JobList,
+    JobPublic,
+    LogList,
+    LogPublic,
+    MetricPoint,
+    MetricsPublic,
+    TrialPublic,
+    finite,
+)
+from service.datasets import parse_metadata
+from service.models import Job, JobEvent, JobLog, JobState, Metric, Trial
+from service.storage import (
+    MANIFEST_NAME,
+    BucketNotFoundError,
+    InvalidKeyError,
+    LocalStore,
+    Manifest,
+    ObjectNotFoundError,
+    StorageAuthError,
+    StorageError,
+    join_key,
+)
+
+__all__ = ["JOB_ID_MAX", "JobId", "check_dataset", "owned_job_id", "router"]
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+# Job ids are 32-bit integers in the database; bounding the path parameter turns an absurd id
+# into a 422 instead of a database overflow error.
+JOB_ID_MAX = 2**31 - 1
+# Row ids of metrics and logs are 64-bit.
+ROW_ID_MAX = 2**63 - 1
+# One metrics response carries at most this many points; clients page with ?since=.
+SERIES_CAP = 10_000
+LOGS_CAP = 1_000
+GROUP_FIELDS = ("count", "accuracy", "tpr", "fpr")
+# A point without an epoch sorts below every real epoch when finding a split's latest epoch.
+_NO_EPOCH = -1
+
+JobId = Annotated[int, Path(ge=1, le=JOB_ID_MAX, description="The job's id.")]
+Since = Annotated[
+    int,
+    Query(ge=0, le=ROW_ID_MAX, description="Only rows with an id above this (incremental polls)."),
+]
+
+_NOT_FOUND = {404: {"description": "No such job (or it belongs to another tenant)."}}
+
+
+def owned_job_id(session: Session, caller: Caller, job_id: int) -> int:
+    """``job_id`` if the caller's tenant owns that job; raise JobNotFound (404) otherwise."""
+    found = session.scalar(
+        select(Job.id).where(Job.id == job_id, Job.tenant_id == caller.tenant_id)
+    )
+    if found is None:
+        raise queue.JobNotFound(job_id)
+    return found
+
+
+# --- submit -----------------------------------------------------------------------------------
+
+
+def _invalid(loc: Sequence[str], message: str, value: Any) -> RequestValidationError:
+    """A 422 in FastAPI's standard shape, for checks that go beyond the schema."""
+    return RequestValidationError(
+        [{"type": "value_error", "loc": tuple(loc), "msg": message, "input": value}]
+    )
+
+
+def _non_finite(value: Any, loc: tuple[str | int, ...] = ()) -> tuple[str | int, ...] | None:
+    """Where in ``value`` a NaN or an infinity sits (JSON has neither), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return loc
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            found = _non_finite(item, (*loc, str(key)))
+            if found is not None:
+                return found
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            found = _non_finite(item, (*loc, index))
+            if found is not None:
+                return found
+    return None
+
+
+def check_dataset(state: AppState, uri: str) -> None:
+    """Check that ``uri`` names a published bird dataset; 422 (or 503 for an outage) if not.
+
+    The dataset exists once its ``manifest.json`` does (``service.storage.publish`` writes it
+    last); its metadata must describe a bird dataset.
+    """
+    loc = ("body", "dataset", "uri")
+    try:
+        store, prefix = state.resolve_dataset(uri)
+    except UnresolvableURI as exc:
+        raise _invalid(loc, f"dataset URI {uri!r} is invalid: {exc}", uri) from None
+    where = store.uri(prefix)
+    manifest_key = join_key(prefix, MANIFEST_NAME)
+    try:
+        raw = store.get_bytes(manifest_key)
+    except (ObjectNotFoundError, BucketNotFoundError, InvalidKeyError):
+        raise _invalid(
+            loc,
+            f"dataset {uri!r} does not exist: no manifest at {store.uri(manifest_key)} "
+            "(publish it with 'bird datasets prepare' or service.storage.publish)",
+            uri,
+        ) from None
+    except StorageError as exc:
+        # An outage is a 503: S3 not answering, or our own store refusing us. Anything about a
+        # location the user named (a local path that is a file, a bucket we may not read) is a
+        # problem with the request.
+        if isinstance(store, LocalStore):
+            outage = store is state.store and isinstance(exc, StorageAuthError)
+        else:
+            outage = store is state.store or not isinstance(exc, StorageAuthError)
+        if outage:
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                f"object store unavailable while checking dataset {uri!r}: {exc}",
+            ) from None
+        raise _invalid(loc, f"cannot read dataset {uri!r} at {where}: {exc}", uri) from None
+    try:
+        manifest = Manifest.model_validate_json(raw)
+    except (ValidationError, ValueError):
+        # The parser's message would quote the file; say what is wrong without echoing it.
+        raise _invalid(
+            loc, f"dataset {uri!r}: {store.uri(manifest_key)} is not a valid manifest", uri
+        ) from None
+    _meta, problems = parse_metadata(manifest.metadata)
+    if problems:
+        details = "; ".join(message for _, message in problems[:3])
+        raise _invalid(loc, f"{where} is not a bird dataset: {details}", uri)
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobPublic,
+    summary="Submit a job",
+    responses={
+        200: {"description": "Idempotent replay: this Idempotency-Key already made this job."},
+        409: {"description": "The Idempotency-Key was used before with a different spec."},
+        422: {"description": "Invalid spec (field-level errors), or the dataset does not exist."},
+        503: {"description": "The object store could not be reached to check the dataset."},
+    },
+)
+def submit_job(
+    spec: JobCreate,
+    response: Response,
+    session: SessionDep,
+    caller: CallerDep,
+    state: StateDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=200,
+            description="Repeat a submit safely: the same key and spec return the same job "
+            "(200); the same key with another spec is a 409.",
+        ),
+    ] = None,
+) -> JobPublic:
+    """Validate the spec, check that its dataset exists, and queue the job (201).
+
+    A repeat with the same ``Idempotency-Key`` and the same spec answers 200 with the job the
+    first request made (header ``Idempotent-Replayed: true``); a concurrent duplicate may see
+    201 with that same job.
+    """
+    spec_python = spec.model_dump()
+    bad = _non_finite(spec_python)
+    if bad is not None:
+        raise _invalid(("body", *bad), "NaN and infinities are not allowed", None)
+    spec_json = spec.model_dump(mode="json")
+    if idempotency_key is not None:
+        existing = session.scalars(
+            select(Job).where(
+                Job.tenant_id == caller.tenant_id, Job.idempotency_key == idempotency_key
+            )
+        ).one_or_none()
+        if existing is not None:
+            if existing.spec != spec_json:
+                raise queue.IdempotencyConflict(
+                    f"Idempotency-Key {idempotency_key!r} was already used for job "
+                    f"{existing.id} with a different spec"
+                )
+            response.status_code = status.HTTP_200_OK
+            response.headers["Idempotent-Replayed"] = "true"
+            return JobPublic.from_job(existing)
+        # End the read transaction: submit() runs its own.
+        session.rollback()
+    check_dataset(state, spec.dataset.uri)
+    job = queue.submit(
+        session,
+        caller.tenant_id,
+        spec_json,
+        priority=spec.priority,
+        max_attempts=spec.max_attempts,
+        idempotency_key=idempotency_key,
+    )
+    return JobPublic.from_job(job)
+
+
+# --- list, show, cancel -----------------------------------------------------------------------
+
+
+@router.get("", response_model=JobList, summary="List jobs, newest first")
+def list_jobs(
+    session: SessionDep,
+    caller: CallerDep,
+    state: Annotated[JobState | None, Query(description="Only jobs in this state.")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+) -> JobList:
+    """The caller's jobs, newest first, ``limit`` per page from ``offset``."""
+    where = [Job.tenant_id == caller.tenant_id]
+    if state is not None:
+        where.append(Job.state == state)
+    total = session.scalar(select(func.count()).select_from(Job).where(*where)) or 0
+    jobs = session.scalars(
+        select(Job).where(*where).order_by(Job.id.desc()).limit(limit).offset(offset)
+    ).all()
+    return JobList(
+        items=[JobPublic.from_job(job) for job in jobs], total=total, limit=limit, offset=offset
+    )
+
+
+@router.get("/{job_id}", response_model=JobPublic, summary="Show a job", responses=_NOT_FOUND)
+def get_job(job_id: JobId, session: SessionDep, caller: CallerDep) -> JobPublic:
+    """One job of the caller's tenant."""
+    return JobPublic.from_job(queue.get_job(session, job_id, tenant_id=caller.tenant_id))
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobPublic,
+    summary="Cancel a job",
+    responses={
+        **_NOT_FOUND,
+        202: {"description": "The job is running: now cancelling, its worker will stop it."},
+        409: {"description": "The job already finished."},
+    },
+)
+def cancel_job(
+    job_id: JobId, response: Response, session: SessionDep, caller: CallerDep
+) -> JobPublic:
+    """Cancel a job: a queued one at once (200, ``cancelled``); a running one is asked to
+    stop (202, ``cancelling``, its worker finishes it); a finished one is a 409."""
+    try:
+        job = queue.cancel(session, job_id, caller.tenant_id)
+    except queue.IllegalTransition as exc:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"job {job_id} is already {exc.state}: only queued or running jobs can be cancelled",
+        ) from None
+    if job.state == JobState.CANCELLING:
+        response.status_code = status.HTTP_202_ACCEPTED
+    return JobPublic.from_job(job)
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+_POINT_COLUMNS = (
+    Metric.id,
+    Metric.trial,
+    Metric.epoch,
+    Metric.step,
+    Metric.split,
+    Metric.name,
+    Metric.value,
+    Metric.at,
+)
+
+
+def _latest(
+    session: SessionDep, job_id: int
+) -> tuple[dict[str, dict[str, float | None]], dict[str, list[GroupRow]]]:
+    """Each split's values at its highest epoch, and its per-group table at that epoch.
+
+    Rows outside a search (``trial`` null) are preferred; a split that only has trial rows
+    (a search still running) shows the trial that reported last. Two queries whatever the size
+    of the series: one aggregate, one fetch of the chosen rows.
+    """
+    epoch = func.coalesce(Metric.epoch, _NO_EPOCH)
+    summary = session.execute(
+        select(
+            Metric.split,
+            Metric.trial,
+            func.max(epoch).label("epoch"),
+            func.max(Metric.id).label("last_id"),
+        )
+        .where(Metric.job_id == job_id)
+        .group_by(Metric.split, Metric.trial)
+    ).all()
+    chosen: dict[str, Any] = {}
+    for row in summary:
+        best = chosen.get(row.split)
+        # The main run beats any trial; among trials, the one that reported last wins.
+        better = best is None or (
+            best.trial is not None and (row.trial is None or row.last_id > best.last_id)
+        )
+        if better:
+            chosen[row.split] = row
+    if not chosen:
+        return {}, {}
+    conditions = [
+        and_(
+            Metric.split == row.split,
+            Metric.trial.is_(None) if row.trial is None else Metric.trial == row.trial,
+            epoch == row.epoch,
+        )
+        for row in chosen.values()
+    ]
+    rows = session.execute(
+        select(Metric.split, Metric.name, Metric.value)
+        .where(Metric.job_id == job_id, or_(*conditions))
+        .order_by(Metric.id)
+    ).all()
+    latest: dict[str, dict[str, float | None]] = {split: {} for split in sorted(chosen)}
+    groups: dict[str, dict[int, dict[str, float | None]]] = {}
+    for split, name, value in rows:  # in id order: a re-reported value replaces the older one
+        if name.startswith("group/"):
+            parts = name.split("/")
+            if len(parts) == 3 and parts[1].isdigit() and parts[2] in GROUP_FIELDS:
+                groups.setdefault(split, {}).setdefault(int(parts[1]), {})[parts[2]] = finite(value)
+            continue
+        latest[split][name] = finite(value)
+    tables = {
+        split: [GroupRow(group=g, **fields) for g, fields in sorted(by_group.items())]
+        for split, by_group in sorted(groups.items())
+    }
+    return latest, tables
+
+
+@router.get(
+    "/{job_id}/metrics",
+    response_model=MetricsPublic,
+    summary="Metric series, latest summary and per-group table",
+    responses=_NOT_FOUND,
+)
+def get_metrics(
+    job_id: JobId, session: SessionDep, caller: CallerDep, since: Since = 0
+) -> MetricsPublic:
+    """The series after ``since`` (by id, at most 10,000 points), plus each split's latest
+    values and per-group table (see :class:`~service.api.schemas.MetricsPublic`)."""
+    owned_job_id(session, caller, job_id)
+    # Plain rows, not ORM entities: a poll can carry thousands of points, and building an
+    # identity-mapped object per point would cost more than the query.
+    points = session.execute(
+        select(*_POINT_COLUMNS)
+        .where(Metric.job_id == job_id, Metric.id > since)
+        .order_by(Metric.id)
+        .limit(SERIES_CAP)
+    ).all()
+    latest, groups = _latest(session, job_id)
+    series = [MetricPoint.from_row(point) for point in points]
+    return MetricsPublic(
+        job_id=job_id,
+        series=series,
+        latest=latest,
+        groups=groups,
+        next_since=series[-1].id if series else since,
+    )
+
+
+# --- trials, events, logs ---------------------------------------------------------------------
+
+
+@router.get(
+    "/{job_id}/trials",
+    response_model=list[TrialPublic],
+    summary="Trials of the job's search",
+    responses=_NOT_FOUND,
+)
+def get_trials(job_id: JobId, session: SessionDep, caller: CallerDep) -> list[TrialPublic]:
+    """The trials of the job's hyper-parameter search, by index (empty without a search)."""
+    owned_job_id(session, caller, job_id)
+    trials = session.scalars(
+        select(Trial).where(Trial.job_id == job_id).order_by(Trial.trial_index)
+    ).all()
+    return [TrialPublic.from_row(trial) for trial in trials]
+
+
+@router.get(
+    "/{job_id}/events",
+    response_model=list[EventPublic],
+    summary="The job's state changes",
+    responses=_NOT_FOUND,
+)
+def get_events(job_id: JobId, session: SessionDep, caller: CallerDep) -> list[EventPublic]:
+    """Every change of the job (submit, claim, stage changes, cancel, finish...), oldest first."""
+    owned_job_id(session, caller, job_id)
+    events = session.scalars(
+        select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)
+    ).all()
+    return [EventPublic.from_row(event) for event in events]
+
+
+@router.get("/{job_id}/logs", response_model=LogList, summary="The job's log", responses=_NOT_FOUND)
+def get_logs(job_id: JobId, session: SessionDep, caller: CallerDep, since: Since = 0) -> LogList:
+    """Log lines after ``since``, oldest first, at most 1,000 per response."""
+    owned_job_id(session, caller, job_id)
+    lines = session.scalars(
+        select(JobLog)
+        .where(JobLog.job_id == job_id, JobLog.id > since)
+        .order_by(JobLog.id)
+        .limit(LOGS_CAP)
+    ).all()
+    items = [LogPublic.from_row(line) for line in lines]
+    return LogList(items=items, next_since=items[-1].id if items else since)

@@ -1,0 +1,267 @@
+"""What the REST API reads and answers: request bodies and response models.
+
+These are deliberately separate from the SQL models (``service.models``): the tables hold what
+the queue and the workers need (leases, idempotency keys, tenant ids), the API shows what a user
+needs and nothing more.
+
+Metric naming convention (what the worker records with ``service.queue.record_metrics`` and what
+``GET /jobs/{id}/metrics`` summarises):
+
+* split ``train``: the loss and its parts per epoch — ``loss``, ``kd``, ``ce``, ... (the parts
+  depend on the method);
+* splits ``val`` and ``test``: ``auroc``, ``f1``, ``accuracy``, ``delta_mean_deo``,
+  ``delta_max_deo``, ``equalized_odds_difference``, ``demographic_parity_difference``, and per
+  sensitive group ``group/<g>/count``, ``group/<g>/accuracy``, ``group/<g>/tpr`` and
+  ``group/<g>/fpr`` (``<g>`` the integer group index);
+* ``trial`` is null outside a hyper-parameter search; the final test metrics have split ``test``.
+
+Numbers that JSON cannot carry (NaN, ±Infinity: a diverging loss) are answered as ``null``.
+
+Checkpoints: a checkpoint record (``service.queue.add_checkpoint``) describes ONE downloadable
+file, the archive ``jobs/<job id>/checkpoints/<name>.tar`` that the worker publishes next to the
+checkpoint directory ``jobs/<job id>/checkpoints/<name>/``. Its ``uri`` is the archive's full
+store URI (``s3://bucket/prefix/jobs/7/checkpoints/best.tar``, ``file:///.../best.tar``) or its
+store-relative key; ``size`` and ``sha256`` are those of the archive. The archive holds the
+checkpoint directory's files (``manifest.json``, ``student.safetensors``, ``meta.json``, ...) at
+its top level, so extracting it into ``<out>/<name>/`` gives a directory that
+``bird_core.checkpoint.load_student`` loads.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.models import Checkpoint, Job, JobEvent, JobLog, JobStage, JobState, Metric, Trial
+from service.spec import JobSpec
+
+__all__ = [
+    "CheckpointPublic",
+    "EventPublic",
+    "GroupRow",
+    "Health",
+    "JobCreate",
+    "JobList",
+    "JobPublic",
+    "LogList",
+    "LogPublic",
+    "MetricPoint",
+    "MetricsPublic",
+    "TrialPublic",
+    "finite",
+]
+
+# The request body of ``POST /jobs`` is the job spec itself: one schema, validated at the API,
+# stored as JSON, parsed again by the worker.
+JobCreate = JobSpec
+
+
+def finite(value: float | None) -> float | None:
+    """``value``, or None where JSON has no number for it (NaN, ±Infinity)."""
+    if value is None or not math.isfinite(value):
+        return None
+    return value
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class JobPublic(_Out):
+    """A job as its tenant sees it."""
+
+    id: int
+    state: JobState = Field(description="queued, running, cancelling, succeeded, failed, cancelled")
+    stage: JobStage | None = Field(
+        description="What a running job is doing: precomputing, training, tuning, evaluating, "
+        "uploading (null when not running)."
+    )
+    progress: float = Field(description="0..1, reported by the worker.")
+    priority: int
+    attempts: int
+    max_attempts: int
+    error: str | None = Field(description="Why the job failed, in words.")
+    cancel_requested: bool
+    method: str = Field(description="spec.method.name")
+    dataset: str = Field(description="spec.dataset.uri")
+    spec: dict[str, Any] = Field(description="The resolved job spec (defaults filled in).")
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+
+    @classmethod
+    def from_job(cls, job: Job) -> JobPublic:
+        """The public view of a ``jobs`` row."""
+        spec = job.spec or {}
+        method = spec.get("method") or {}
+        dataset = spec.get("dataset") or {}
+        return cls(
+            id=job.id,
+            state=job.state,
+            stage=job.stage,
+            progress=job.progress,
+            priority=job.priority,
+            attempts=job.attempts,
+            max_attempts=job.max_attempts,
+            error=job.error,
+            cancel_requested=job.cancel_requested,
+            method=str(method.get("name", "")) if isinstance(method, dict) else "",
+            dataset=str(dataset.get("uri", "")) if isinstance(dataset, dict) else "",
+            spec=spec,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            updated_at=job.updated_at,
+        )
+
+
+class JobList(BaseModel):
+    """One page of a tenant's jobs, newest first."""
+
+    items: list[JobPublic]
+    total: int = Field(description="How many jobs match the filter in all.")
+    limit: int
+    offset: int
+
+
+class MetricPoint(BaseModel):
+    """One point of a job's metric series (see the module docstring for the names)."""
+
+    id: int = Field(description="Increasing; pass the largest seen as ?since= to poll.")
+    trial: int | None
+    epoch: int | None
+    step: int | None
+    split: str
+    name: str
+    value: float | None = Field(description="null for NaN or an infinity.")
+    at: datetime
+
+    @classmethod
+    def from_row(cls, row: Metric | Any) -> MetricPoint:
+        """A point from a ``metrics`` row (an entity or a row with the same columns)."""
+        return cls(
+            id=row.id,
+            trial=row.trial,
+            epoch=row.epoch,
+            step=row.step,
+            split=row.split,
+            name=row.name,
+            value=finite(row.value),
+            at=row.at,
+        )
+
+
+class GroupRow(BaseModel):
+    """Per-group figures of one split at its latest epoch (from ``group/<g>/<field>``)."""
+
+    group: int
+    count: float | None = None
+    accuracy: float | None = None
+    tpr: float | None = None
+    fpr: float | None = None
+
+
+class MetricsPublic(BaseModel):
+    """A job's metrics: the series since a point, the latest summary and the per-group table.
+
+    ``latest`` maps each split to its metrics at that split's highest epoch (per-group metrics
+    excluded; rows outside a search preferred over trial rows). ``groups`` maps each split to the
+    per-group rows built from ``group/<g>/count|accuracy|tpr|fpr`` at the same epoch.
+    ``series`` holds at most 10,000 points; poll again with ``since=next_since`` for more.
+    """
+
+    job_id: int
+    series: list[MetricPoint]
+    latest: dict[str, dict[str, float | None]]
+    groups: dict[str, list[GroupRow]]
+    next_since: int = Field(description="The largest id returned, or the given since if none.")
+
+
+class TrialPublic(_Out):
+    """One trial of a job's hyper-parameter search."""
+
+    trial_index: int
+    params: dict[str, Any]
+    metrics: dict[str, Any]
+    state: str
+    checkpoint_uri: str | None
+
+    @classmethod
+    def from_row(cls, row: Trial) -> TrialPublic:
+        """A trial from a ``trials`` row."""
+        return cls.model_validate(row)
+
+
+class EventPublic(_Out):
+    """One change of a job (state transition, stage change)."""
+
+    id: int
+    at: datetime
+    from_state: JobState | None
+    to_state: JobState
+    transition: str
+    message: str
+    worker: str | None
+
+    @classmethod
+    def from_row(cls, row: JobEvent) -> EventPublic:
+        """An event from a ``job_events`` row."""
+        return cls.model_validate(row)
+
+
+class LogPublic(_Out):
+    """One log line of a job."""
+
+    id: int
+    at: datetime
+    level: str
+    message: str
+
+    @classmethod
+    def from_row(cls, row: JobLog) -> LogPublic:
+        """A log line from a ``job_logs`` row."""
+        return cls.model_validate(row)
+
+
+class LogList(BaseModel):
+    """Log lines after ``since`` (at most 1,000 per response), oldest first."""
+
+    items: list[LogPublic]
+    next_since: int = Field(description="The largest id returned, or the given since if none.")
+
+
+class CheckpointPublic(BaseModel):
+    """A downloadable checkpoint archive (``<name>.tar``; see the module docstring)."""
+
+    name: str
+    uri: str = Field(description="Where the archive lives in the object store.")
+    size: int = Field(description="Bytes of the archive.")
+    sha256: str = Field(description="sha256 of the archive; verify it after downloading.")
+    created_at: datetime
+    url: str = Field(
+        description="Where to GET the archive: a presigned S3 URL, or this API's /files/... "
+        "path (send the bearer key) for a local store."
+    )
+
+    @classmethod
+    def from_row(cls, row: Checkpoint, url: str) -> CheckpointPublic:
+        """A checkpoint from a ``checkpoints`` row and its download URL."""
+        return cls(
+            name=row.name,
+            uri=row.uri,
+            size=row.size,
+            sha256=row.sha256,
+            created_at=row.created_at,
+            url=url,
+        )
+
+
+class Health(BaseModel):
+    """Answer of the health and readiness probes."""
+
+    status: str
+    checks: dict[str, str] = Field(default_factory=dict)

@@ -1,0 +1,356 @@
+"""``bird jobs``: submit, list, show, watch, cancel and download jobs on a bird API server.
+
+The server and key come from ``--url``/``--key`` or the environment (``BIRD_URL``, default
+http://127.0.0.1:8000, and ``BIRD_API_KEY``). Every failure is one line on stderr,
+``error: ...``, and a non-zero exit status: 1 when the server refused or failed the request,
+2 for a problem with the command line or the spec file. No tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
+
+import typer
+
+if TYPE_CHECKING:
+    from service.client import BirdClient
+
+__all__ = ["TERMINAL_STATES", "jobs_app", "load_spec"]
+
+jobs_app = typer.Typer(
+    help="Jobs on a bird API server: submit, list, show, watch, cancel, download.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+# What `watch` and `show` print from a split's latest metrics, in this order.
+SUMMARY_METRICS = ("auroc", "accuracy", "f1", "delta_mean_deo", "delta_max_deo")
+# `watch` rides out an API restart this long before giving up.
+WATCH_RECONNECT_S = 30.0
+
+T = TypeVar("T")
+
+UrlOption = Annotated[
+    str,
+    typer.Option("--url", envvar="BIRD_URL", help="Base URL of the bird API.", show_envvar=True),
+]
+KeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--key",
+        envvar="BIRD_API_KEY",
+        help="API key (bird keys create).",
+        show_default=False,
+        show_envvar=True,
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the server's JSON.")]
+JobIdArgument = Annotated[int, typer.Argument(help="The job's id.", min=1, show_default=False)]
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    """Print ``error: <message>`` as one line on stderr and exit with ``code``."""
+    typer.echo(f"error: {' '.join(str(message).split())}", err=True)
+    raise typer.Exit(code)
+
+
+def _client(url: str, key: str | None) -> BirdClient:
+    from service.client import BirdClient
+
+    if not key:
+        _fail("no API key: pass --key or set BIRD_API_KEY", 2)
+    if not url.startswith(("http://", "https://")):
+        _fail(f"--url must be an http:// or https:// URL, got {url!r}", 2)
+    return BirdClient(url, key)
+
+
+def _explain(exc: Exception) -> NoReturn:
+    """Exit with one line saying what went wrong: the server's detail for an HTTP error."""
+    from service.client import BirdAPIError
+
+    if isinstance(exc, BirdAPIError):
+        from service.client import format_detail
+
+        _fail(f"{format_detail(exc.detail)} (HTTP {exc.status})")
+    if isinstance(exc, OSError) and exc.filename:  # the download directory, say
+        _fail(f"{exc.strerror or exc}: {exc.filename}")
+    _fail(str(exc))
+
+
+def _call(action: Callable[[], T]) -> T:
+    """Run a client call; any client error becomes one line and exit status 1."""
+    from service.client import BirdError
+
+    try:
+        return action()
+    except (BirdError, OSError) as exc:
+        _explain(exc)
+
+
+def load_spec(path: Path) -> dict[str, Any]:
+    """The job spec in ``path``: JSON for ``.json``, YAML (a superset of JSON) otherwise."""
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        _fail(f"cannot read spec file {path}: it is not UTF-8 text", 2)
+    except OSError as exc:
+        _fail(f"cannot read spec file {path}: {exc.strerror or exc}", 2)
+    if path.suffix.lower() == ".json":
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as exc:
+            _fail(
+                f"spec file {path} is not valid JSON: {exc.msg} "
+                f"(line {exc.lineno}, column {exc.colno})",
+                2,
+            )
+    else:
+        try:
+            spec = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            _fail(f"spec file {path} is not valid YAML: {problem}{at}", 2)
+    if not isinstance(spec, dict):
+        _fail(f"spec file {path} must hold a mapping (the job spec), not {type(spec).__name__}", 2)
+    return spec
+
+
+def _percent(job: Mapping[str, Any]) -> str:
+    return f"{100 * float(job.get('progress') or 0):.0f}%"
+
+
+def _summary(values: Mapping[str, Any] | None) -> str:
+    """``auroc 0.912  accuracy 0.871 ...`` from a split's latest metrics."""
+    if not values:
+        return ""
+    parts = []
+    for name in SUMMARY_METRICS:
+        value = values.get(name)
+        if isinstance(value, int | float):
+            parts.append(f"{name} {value:.4g}")
+    return "  ".join(parts)
+
+
+@jobs_app.command("submit")
+def submit(
+    spec_file: Annotated[
+        Path, typer.Argument(help="The job spec, YAML or JSON.", show_default=False)
+    ],
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = None,
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option(help="Submitting again with the same key returns the same job."),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Submit the job spec in SPEC_FILE; print the new job's id and state."""
+    spec = load_spec(spec_file)
+    client = _client(url, key)
+    with client:
+        job = _call(lambda: client.submit(spec, idempotency_key=idempotency_key))
+    if as_json:
+        typer.echo(json.dumps(job, indent=2))
+        return
+    typer.echo(f"job {job['id']} {job['state']} (method {job['method']}, dataset {job['dataset']})")
+
+
+@jobs_app.command("list")
+def list_jobs(
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = None,
+    state: Annotated[
+        str | None,
+        typer.Option(help="Only jobs in this state (queued, running, cancelling, ...)."),
+    ] = None,
+    limit: Annotated[int, typer.Option(help="Jobs per page.", min=1, max=200)] = 50,
+    offset: Annotated[int, typer.Option(help="Skip this many jobs.", min=0)] = 0,
+    as_json: JsonOption = False,
+) -> None:
+    """List your jobs, newest first."""
+    client = _client(url, key)
+    with client:
+        page = _call(lambda: client.list_jobs(state=state, limit=limit, offset=offset))
+    if as_json:
+        typer.echo(json.dumps(page, indent=2))
+        return
+    rows = [("ID", "STATE", "STAGE", "PROGRESS", "METHOD", "DATASET", "CREATED")]
+    for job in page["items"]:
+        rows.append(
+            (
+                str(job["id"]),
+                job["state"],
+                job["stage"] or "-",
+                _percent(job),
+                job["method"],
+                job["dataset"],
+                job["created_at"][:19].replace("T", " "),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        typer.echo(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    shown = len(page["items"])
+    first = page["offset"] + 1 if shown else page["offset"]
+    typer.echo(f"{first}-{page['offset'] + shown} of {page['total']} job(s)")
+
+
+@jobs_app.command("show")
+def show(
+    job_id: JobIdArgument,
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show a job: state, progress, attempts, error and its latest metrics."""
+    client = _client(url, key)
+    with client:
+        job = _call(lambda: client.get_job(job_id))
+        metrics = _call(lambda: client.metrics(job_id, since=2**63 - 1))
+    if as_json:
+        typer.echo(json.dumps({**job, "latest": metrics["latest"]}, indent=2))
+        return
+    lines = [
+        ("job", str(job["id"])),
+        ("state", job["state"] + (" (cancel requested)" if job["cancel_requested"] else "")),
+        ("stage", job["stage"] or "-"),
+        ("progress", _percent(job)),
+        ("attempts", f"{job['attempts']} of {job['max_attempts']}"),
+        ("priority", str(job["priority"])),
+        ("method", job["method"]),
+        ("dataset", job["dataset"]),
+        ("created", job["created_at"]),
+        ("started", job["started_at"] or "-"),
+        ("finished", job["finished_at"] or "-"),
+    ]
+    if job["error"]:
+        lines.append(("error", job["error"]))
+    for split in ("val", "test"):
+        summary = _summary(metrics["latest"].get(split))
+        if summary:
+            lines.append((split, summary))
+    width = max(len(name) for name, _ in lines)
+    for name, value in lines:
+        typer.echo(f"{name.ljust(width)}  {value}")
+
+
+@jobs_app.command("watch")
+def watch(
+    job_id: JobIdArgument,
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = None,
+    interval: Annotated[float, typer.Option(help="Seconds between polls.", min=0.05)] = 2.0,
+    timeout: Annotated[
+        float, typer.Option(help="Give up after this many seconds (0: never).", min=0)
+    ] = 0,
+) -> None:
+    """Follow a job until it finishes: a progress bar with its stage and latest val metrics.
+
+    Exits 0 when the job succeeded, 1 when it failed or was cancelled, 3 on --timeout.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+    from service.client import BirdConnectionError, BirdError
+
+    client = _client(url, key)
+    started = time.monotonic()
+    since: int | None = None
+    latest: dict[str, Any] = {}
+    job: dict[str, Any] = {}
+    console = Console(highlight=False)
+    columns = (
+        TextColumn(f"job {job_id}"),
+        TextColumn("{task.fields[state]:<10}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[stage]:<12}"),
+        TextColumn("{task.fields[metrics]}"),
+        TimeElapsedColumn(),
+    )
+    with client, Progress(*columns, console=console) as progress:
+        task = progress.add_task("", total=100, state="", stage="", metrics="")
+        unreachable_since: float | None = None
+        while True:
+            try:
+                job = client.get_job(job_id)
+                metrics = client.metrics(job_id, since=since)
+                unreachable_since = None
+            except BirdConnectionError as exc:
+                # Ride out an API restart; a server that stays away is an error.
+                now = time.monotonic()
+                unreachable_since = unreachable_since or now
+                if now - unreachable_since > WATCH_RECONNECT_S:
+                    progress.stop()
+                    _fail(str(exc))
+                time.sleep(interval)
+                continue
+            except BirdError as exc:
+                progress.stop()
+                _explain(exc)
+            since = metrics["next_since"]
+            latest = metrics["latest"]
+            progress.update(
+                task,
+                completed=100 * float(job["progress"] or 0),
+                state=job["state"],
+                stage=job["stage"] or "",
+                metrics=_summary(latest.get("val")),
+            )
+            if job["state"] in TERMINAL_STATES:
+                break
+            if timeout and time.monotonic() - started > timeout:
+                progress.stop()
+                typer.echo(f"job {job_id} is still {job['state']} after {timeout:g} s", err=True)
+                raise typer.Exit(3)
+            time.sleep(interval)
+    state = job["state"]
+    final = _summary(latest.get("test")) or _summary(latest.get("val"))
+    message = f"job {job_id} {state}" + (f": {final}" if final and state == "succeeded" else "")
+    if state == "failed" and job.get("error"):
+        message += f": {job['error']}"
+    typer.echo(message)
+    if state != "succeeded":
+        raise typer.Exit(1)
+
+
+@jobs_app.command("cancel")
+def cancel(job_id: JobIdArgument, url: UrlOption = DEFAULT_URL, key: KeyOption = None) -> None:
+    """Cancel a job: at once if queued; a running job's worker stops it shortly."""
+    client = _client(url, key)
+    with client:
+        job = _call(lambda: client.cancel(job_id))
+    if job["state"] == "cancelling":
+        typer.echo(f"job {job_id} cancelling: its worker will stop it shortly")
+    else:
+        typer.echo(f"job {job_id} {job['state']}")
+
+
+@jobs_app.command("download")
+def download(
+    job_id: JobIdArgument,
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = None,
+    name: Annotated[str, typer.Option(help="Which checkpoint: best, last, ...")] = "best",
+    out: Annotated[
+        Path, typer.Option(help="Directory to unpack into (the checkpoint goes to OUT/NAME).")
+    ] = Path("."),
+) -> None:
+    """Download a checkpoint, verify its sha256, and unpack it into OUT/NAME."""
+    client = _client(url, key)
+    with client:
+        target = _call(lambda: client.download_checkpoint(job_id, name, out))
+    typer.echo(f"checkpoint {name} of job {job_id} -> {target} (sha256 verified)")
