@@ -60,9 +60,20 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         """The database URL, defaulting to a SQLite file under ``data_dir``."""
-        return self.database_url or f"sqlite:///{(self.data_dir / 'bird.db').as_posix()}"
+        # Absolute: Ray actors (the Train controller writes metrics) run in another directory.
+        if self.database_url is None:
+            return f"sqlite:///{(self.data_dir.resolve() / 'bird.db').as_posix()}"
+        prefix = "sqlite:///"
+        path = self.database_url[len(prefix) :]
+        if self.database_url.startswith(prefix) and path and not path.startswith(("/", ":")):
+            return f"{prefix}{Path(path).resolve().as_posix()}"
+        return self.database_url
 
     @property
     def resolved_store_url(self) -> str:
         """The object-store URL, defaulting to a directory under ``data_dir``."""
-        return self.store_url or str(self.data_dir / "store")
+        if self.store_url is None:
+            return str(self.data_dir.resolve() / "store")
+        if "://" not in self.store_url:
+            return str(Path(self.store_url).resolve())  # absolute, for the same reason
+        return self.store_url

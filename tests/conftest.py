@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -85,3 +87,32 @@ def tiny_tabular_data() -> DatasetSplits:
             "std": [1.0] * TABULAR_FEATURES,
         },
     )
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """A local Ray with 2 CPUs shared by every Ray test of the session (integration and e2e).
+
+    Defined here, once: a session fixture imported by two conftest files would start Ray twice.
+    """
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        # Workers inherit this process's environment; keep them from touching real AWS.
+        runtime_env={
+            "env_vars": {
+                "AWS_EC2_METADATA_DISABLED": "true",
+                # The Train controller polls its workers every 2 s by default; each Ray Train
+                # test run would spend seconds waiting on that poll alone.
+                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+            }
+        },
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()

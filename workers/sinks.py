@@ -56,6 +56,8 @@ class EpochRecord:
     stopped: bool = False
     checkpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
     rank_param_max_diff: float = 0.0
+    # Set on the first epoch a run reports after restoring a checkpoint: the epochs it had.
+    resumed_from_epoch: int | None = None
 
     def to_json(self) -> str:
         """Serialised form carried inside ``ray.train.report`` metrics."""
@@ -237,6 +239,14 @@ class DatabaseSink:
                         **{k: record.val.get(k) for k in REPORT_SCALARS},
                     },
                     checkpoint_uri=best["uri"] if best else None,
+                )
+            if record.resumed_from_epoch is not None:
+                where = "" if record.trial is None else f" (trial {record.trial})"
+                queue.append_log(
+                    session,
+                    self.job_id,
+                    "info",
+                    f"resumed from the checkpoint after epoch {record.resumed_from_epoch}{where}",
                 )
             # Metric rows last: the objective row is what marks the epoch as stored.
             queue.record_metrics(session, self.job_id, metric_rows(record))

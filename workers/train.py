@@ -437,6 +437,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     preprocess = Preprocessor.from_config(plan.preprocessing)
 
     start_epoch, step, best_score, best_epoch = 0, 0, -math.inf, None
+    resumed_from: int | None = None
     optimizer_state = None
     restored = ray.train.get_checkpoint()
     if restored is not None:
@@ -448,6 +449,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer_state = state["optimizer"]
         meta = state["meta"]
         start_epoch, step = int(meta["epoch"]), int(meta["step"])
+        resumed_from = start_epoch
         extra = meta.get("extra", {})
         best_score = extra.get("best_score", -math.inf)
         best_score = -math.inf if best_score is None else float(best_score)
@@ -622,7 +624,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 trial=plan.trial,
                 checkpoints=published,
                 rank_param_max_diff=divergence,
+                resumed_from_epoch=resumed_from,
             )
+            resumed_from = None
             metrics.update(
                 {
                     "objective": score,
@@ -748,4 +752,5 @@ def run_training(
 
 def stop_flag(name: str) -> Any:
     """Create (or get) the named :class:`StopFlag` actor."""
-    return StopFlag.options(name=name, get_if_exists=True, lifetime="detached").remote()  # type: ignore[attr-defined]
+    # Owned by the calling process: if it dies, the flag goes with it.
+    return StopFlag.options(name=name, get_if_exists=True).remote()  # type: ignore[attr-defined]

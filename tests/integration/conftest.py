@@ -252,34 +252,3 @@ def s3_auth_enforced(s3_server: str, s3_bucket: str) -> Iterator[tuple[str, str]
         yield key["AccessKeyId"], key["SecretAccessKey"]
     finally:
         _set_moto_auth(s3_server, previous)
-
-
-# --------------------------------------------------------------------------------------------
-# Ray: one local instance for the whole session (start-up costs seconds; keep Ray tests few)
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def ray_local() -> Iterator[None]:
-    """A local Ray with 2 CPUs shared by every Ray test of the session."""
-    import ray
-
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-        # Workers inherit this process's environment; keep them from touching real AWS.
-        runtime_env={
-            "env_vars": {
-                "AWS_EC2_METADATA_DISABLED": "true",
-                # The Train controller polls its workers every 2 s by default; each Ray Train
-                # test run would spend seconds waiting on that poll alone.
-                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
-            }
-        },
-    )
-    try:
-        yield
-    finally:
-        ray.shutdown()
