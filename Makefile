@@ -1,5 +1,5 @@
-# bird — the two commands of the README are `make run` (install + the offline experiment) and
-# `make test`. PYTHON is the interpreter everything is installed into.
+# bird — the two commands of the README are `make run` (install, then start the service with the
+# embedded defaults) and `make test`. PYTHON is the interpreter everything is installed into.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 # torch/torchvision are installed first, with exact versions that lie on local disk here, so that
@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 EXPERIMENT_ARGS ?=
 
-.PHONY: install install-dev data run experiment experiment-quick test lint format bench clean
+.PHONY: install install-dev data browser run serve demo experiment experiment-quick test lint format bench clean
 
 install: data
 	@$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PIP) install $(TORCH_SPEC)
@@ -32,7 +32,15 @@ browser:
 		echo "installing Debian package chromium"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
-run: install experiment
+run: install serve
+
+# The API, the dashboard, a worker and a local Ray; SQLite and the store under ./bird-data/.
+serve:
+	bird serve
+
+# With `make run` going in another terminal: FashionMNIST-S jobs for BIRD and BKD, compared.
+demo:
+	bird demo
 
 experiment:
 	bird experiment $(EXPERIMENT_ARGS)

@@ -1,6 +1,9 @@
 """API latency under concurrent clients, and queue claim throughput, on PostgreSQL.
 
-Two servers run side by side in one run, each a separate uvicorn process with one worker:
+Two servers run side by side in one run, each a separate uvicorn process with one worker,
+started the way ``bird serve`` starts the API: ``uvicorn.run(app, host=..., port=...,
+log_level=<BIRD_LOG_LEVEL, default info>)``, so uvicorn's defaults apply (its access log on; the
+HTTP parser and event loop ``auto``: httptools and uvloop when installed, else h11 and asyncio):
 
 * the bird API (``service.api.create_app``) on PostgreSQL (a fresh schema, dropped after) and a
   local store holding a tiny dataset;
@@ -9,10 +12,12 @@ Two servers run side by side in one run, each a separate uvicorn process with on
 
 Closed-loop clients (default 50: asyncio keep-alive connections in this process, through a
 minimal HTTP/1.1 client that costs less CPU than the servers it measures) hammer one endpoint at a
-time; the table gives p50/p99 latency and throughput, and each endpoint's ratio to the bare
-one. Endpoints: ``POST /jobs`` (a new job each time), ``GET /jobs/{id}``,
-``GET /jobs/{id}/metrics`` (first poll: the whole series of a job with ~100 metric rows) and
-``GET /jobs/{id}/metrics?since=<latest>`` (an incremental poll).
+time, then the same clients send at a fixed rate (paced, default 2 requests/s each); the tables
+give p50/p99 latency and throughput, each endpoint's ratio to the bare one, and the server
+process's CPU time per request (user + system, from ``/proc``: unlike latency, it hardly depends
+on what else loads the machine). Endpoints: ``POST /jobs`` (a new job each time),
+``GET /jobs/{id}``, ``GET /jobs/{id}/metrics`` (first poll: the whole series of a job with ~100
+metric rows) and ``GET /jobs/{id}/metrics?since=<latest>`` (an incremental poll).
 
 Then claim throughput: N queued jobs (default 2,000), 8 claimer threads calling
 ``service.queue.claim`` until the queue is empty; every job must be claimed exactly once.
@@ -22,12 +27,14 @@ least 300 claims/s. The load generator shares the two cores with the server, so 
 pessimistic for a real deployment; the ratios compare like with like.
 
     python bench/api_load.py [--quick] [--clients 50] [--seconds 5] [--claim-jobs 2000]
+                             [--http auto|h11|httptools] [--loop auto|asyncio|uvloop]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import random
@@ -66,11 +73,14 @@ DATASET = "datasets/tiny"
 # --------------------------------------------------------------------------------------------
 
 
-def _serve(kind: str, port_fd: int) -> None:
-    """Child process: build the app, bind a free loopback port, report it, serve forever."""
+def _serve(kind: str, port: int, http: str, loop: str) -> None:
+    """Child process: build the app and serve it on ``port`` as ``bird serve`` does."""
     import uvicorn
     from fastapi import FastAPI
 
+    from service.settings import Settings
+
+    settings = Settings()  # everything from the BIRD_* environment
     if kind == "bare":
         app = FastAPI()
 
@@ -80,50 +90,72 @@ def _serve(kind: str, port_fd: int) -> None:
 
     else:
         from service.api import create_app
-        from service.settings import Settings
 
-        app = create_app(Settings())  # everything from the BIRD_* environment
-    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted connections only when the
-    # listening socket says TCP explicitly; with proto 0, Nagle and delayed ACKs add 40 ms to
-    # every response that uvicorn writes in two pieces (headers, body).
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    os.write(port_fd, f"{sock.getsockname()[1]}\n".encode())
-    os.close(port_fd)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, backlog=2048)
-    uvicorn.Server(config).run(sockets=[sock])
+        app = create_app(settings)
+    # What `bird serve` runs (service/cli.py), plus the parser/loop choice (uvicorn's default is
+    # "auto" for both, which is what `bird serve` gets).
+    uvicorn.run(
+        app, host="127.0.0.1", port=port, log_level=settings.log_level, http=http, loop=loop
+    )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class ServerProcess:
-    """A server (``bird`` or ``bare``) in its own process, on a port it picks itself."""
+    """A server (``bird`` or ``bare``) in its own process on a free loopback port.
 
-    def __init__(self, kind: str, env: dict[str, str]) -> None:
-        read_fd, write_fd = os.pipe()
-        self.process = subprocess.Popen(
-            [sys.executable, __file__, "--serve", kind, "--port-fd", str(write_fd)],
-            env={**os.environ, **env, "PYTHONPATH": str(REPO_ROOT)},
-            pass_fds=(write_fd,),
-        )
-        os.close(write_fd)
-        with os.fdopen(read_fd) as reader:
-            line = reader.readline()
-        if not line.strip():
-            self.process.kill()
-            raise RuntimeError(f"the {kind} server did not start")
-        self.base_url = f"http://127.0.0.1:{int(line)}"
+    Its output (uvicorn's access log among it) goes to ``log_dir/<kind>.log``, as a deployed
+    server's goes to its log collector.
+    """
+
+    def __init__(self, kind: str, env: dict[str, str], log_dir: Path, http: str, loop: str) -> None:
+        self.kind = kind
+        self.log_path = log_dir / f"{kind}.log"
+        command = [sys.executable, __file__, "--serve", kind, "--http", http, "--loop", loop]
+        for _attempt in range(3):  # the free port may be taken between the check and the bind
+            port = _free_port()
+            with self.log_path.open("ab") as log:
+                self.process = subprocess.Popen(
+                    [*command, "--port", str(port)],
+                    env={**os.environ, **env, "PYTHONPATH": str(REPO_ROOT)},
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            self.base_url = f"http://127.0.0.1:{port}"
+            if self._wait_ready():
+                return
+            self.stop()
+        tail = self.log_path.read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"the {kind} server did not start:\n{tail}")
+
+    def _wait_ready(self) -> bool:
+        path = "/ping" if self.kind == "bare" else "/healthz"
         deadline = time.monotonic() + 30
-        while True:
+        while time.monotonic() < deadline and self.process.poll() is None:
             try:
-                path = "/ping" if kind == "bare" else "/healthz"
                 if httpx.get(self.base_url + path, timeout=2).status_code == 200:
-                    break
+                    return True
             except httpx.TransportError:
                 pass
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                self.stop()
-                raise RuntimeError(f"the {kind} server did not answer")
             time.sleep(0.05)
+        return False
+
+    def cpu_seconds(self) -> float | None:
+        """CPU seconds the server process has used so far."""
+        return _cpu_seconds(self.process.pid)
 
     def stop(self) -> None:
         """Stop the server process (it started with this object, so it is ours to end)."""
@@ -186,7 +218,7 @@ class _Connection:
 
 
 async def _load(
-    base_url: str,
+    server: ServerProcess,
     method: str,
     path: str,
     headers: dict[str, str],
@@ -204,13 +236,18 @@ async def _load(
     phase), and latency counts from the scheduled time, so a server that falls behind is
     charged for the queueing it causes (no coordinated omission).
     """
-    host, port = base_url.removeprefix("http://").rsplit(":", 1)
+    host, port = server.base_url.removeprefix("http://").rsplit(":", 1)
     latencies: list[float] = []
     errors: dict[int, int] = {}
     start = time.perf_counter()
     measure_from = start + warmup_s
     stop_at = measure_from + seconds
     rng = random.Random(0)
+    cpu: dict[str, float | None] = {}
+
+    async def sample_cpu() -> None:
+        await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
+        cpu["from"] = server.cpu_seconds()
 
     async def one_client() -> None:
         connection = _Connection(host, int(port), headers)
@@ -239,10 +276,14 @@ async def _load(
         finally:
             connection.close()
 
-    await asyncio.gather(*(one_client() for _ in range(clients)))
+    await asyncio.gather(sample_cpu(), *(one_client() for _ in range(clients)))
+    cpu_to = server.cpu_seconds()
     elapsed = time.perf_counter() - measure_from
     latencies.sort()
     n = len(latencies)
+    cpu_ms = None
+    if n and cpu.get("from") is not None and cpu_to is not None:
+        cpu_ms = 1000 * (cpu_to - cpu["from"]) / n
     return {
         "mode": "closed" if rate is None else f"paced {rate:g}/s per client",
         "requests": n,
@@ -251,6 +292,7 @@ async def _load(
         "p50_ms": 1000 * latencies[n // 2] if n else None,
         "p99_ms": 1000 * latencies[min(n - 1, int(n * 0.99))] if n else None,
         "mean_ms": 1000 * statistics.fmean(latencies) if n else None,
+        "server_cpu_ms_per_request": cpu_ms,
     }
 
 
@@ -356,7 +398,7 @@ def _drop_schema(schema: str) -> None:
 def _print_table(rows: dict[str, dict[str, Any]], bare: dict[str, Any]) -> None:
     header = (
         f"{'endpoint':<34} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'p99 ×bare':>10} "
-        f"{'rps ×bare':>10} {'errors':>7}"
+        f"{'rps ×bare':>10} {'cpu ms/req':>11} {'cpu ×bare':>10} {'errors':>7}"
     )
     print(header)
     print("-" * len(header))
@@ -365,10 +407,34 @@ def _print_table(rows: dict[str, dict[str, Any]], bare: dict[str, Any]) -> None:
         rps_ratio = row["throughput_rps"] / bare["throughput_rps"]
         row["p99_ratio_vs_bare"] = p99_ratio
         row["throughput_ratio_vs_bare"] = rps_ratio
+        cpu, bare_cpu = row["server_cpu_ms_per_request"], bare["server_cpu_ms_per_request"]
+        cpu_ratio = cpu / bare_cpu if cpu is not None and bare_cpu else None
+        row["cpu_ratio_vs_bare"] = cpu_ratio
         print(
             f"{name:<34} {row['p50_ms']:>8.1f} {row['p99_ms']:>8.1f} {row['throughput_rps']:>8.0f}"
-            f" {p99_ratio:>10.2f} {rps_ratio:>10.2f} {sum(row['errors'].values()):>7}"
+            f" {p99_ratio:>10.2f} {rps_ratio:>10.2f} {_fmt(cpu, 11, 2)} {_fmt(cpu_ratio, 10, 1)}"
+            f" {sum(row['errors'].values()):>7}"
         )
+
+
+def _loads(loads: tuple[float, float, float]) -> str:
+    return "/".join(f"{load:.1f}" for load in loads)
+
+
+def _fmt(value: float | None, width: int, digits: int) -> str:
+    return f"{value:>{width}.{digits}f}" if value is not None else f"{'n/a':>{width}}"
+
+
+def _uvicorn_choice(option: str, choice: str) -> str:
+    """What uvicorn's ``auto`` resolves to here (it prefers httptools and uvloop)."""
+    if choice != "auto":
+        return choice
+    fast = {"http": "httptools", "loop": "uvloop"}[option]
+    return (
+        fast
+        if importlib.util.find_spec(fast) is not None
+        else {"http": "h11"}.get(option, "asyncio")
+    )
 
 
 def main() -> None:
@@ -385,17 +451,34 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=REPO_ROOT / "bench" / "results" / "api_load.json"
     )
+    parser.add_argument(
+        "--http",
+        choices=["auto", "h11", "httptools"],
+        default="auto",
+        help="uvicorn's HTTP parser for both servers (default auto, as `bird serve`).",
+    )
+    parser.add_argument(
+        "--loop",
+        choices=["auto", "asyncio", "uvloop"],
+        default="auto",
+        help="uvicorn's event loop for both servers (default auto, as `bird serve`).",
+    )
     parser.add_argument("--serve", choices=["bird", "bare"], help=argparse.SUPPRESS)
-    parser.add_argument("--port-fd", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        _serve(args.serve, args.port_fd)
+        _serve(args.serve, args.port, args.http, args.loop)
         return
+    http, loop = _uvicorn_choice("http", args.http), _uvicorn_choice("loop", args.loop)
 
     seconds = args.seconds or (1.5 if args.quick else 6.0)
     warmup = 0.5 if args.quick else 1.5
     claim_jobs = args.claim_jobs or (300 if args.quick else 2000)
 
+    load_before = os.getloadavg()
+    from service.settings import Settings
+
+    bird_log_level = Settings().log_level
     schema, url = _setup_schema()
     servers: list[ServerProcess] = []
     try:
@@ -429,9 +512,9 @@ def main() -> None:
                 "BIRD_STORE_URL": str(store.root),
                 "BIRD_DATA_DIR": tmp,
             }
-            bird = ServerProcess("bird", env)
+            bird = ServerProcess("bird", env, Path(tmp), args.http, args.loop)
             servers.append(bird)
-            bare = ServerProcess("bare", {})
+            bare = ServerProcess("bare", {}, Path(tmp), args.http, args.loop)
             servers.append(bare)
             auth = {"Authorization": f"Bearer {key.key}"}
             latest = httpx.get(f"{bird.base_url}/jobs/{job.id}/metrics", headers=auth).json()
@@ -446,25 +529,25 @@ def main() -> None:
                 }
 
             plan = [
-                ("bare GET /ping", bare.base_url, "GET", "/ping", {}, None),
-                ("POST /jobs", bird.base_url, "POST", "/jobs", auth, new_spec),
-                ("GET /jobs/{id}", bird.base_url, "GET", f"/jobs/{job.id}", auth, None),
+                ("bare GET /ping", bare, "GET", "/ping", {}, None),
+                ("POST /jobs", bird, "POST", "/jobs", auth, new_spec),
+                ("GET /jobs/{id}", bird, "GET", f"/jobs/{job.id}", auth, None),
                 (
                     f"GET /jobs/{{id}}/metrics ({len(rows)} pts)",
-                    bird.base_url, "GET", f"/jobs/{job.id}/metrics", auth, None,
+                    bird, "GET", f"/jobs/{job.id}/metrics", auth, None,
                 ),
                 (
                     "GET /jobs/{id}/metrics?since=last",
-                    bird.base_url, "GET",
+                    bird, "GET",
                     f"/jobs/{job.id}/metrics?since={latest['next_since']}", auth, None,
                 ),
             ]  # fmt: skip
             results: dict[str, dict[str, dict[str, Any]]] = {"closed": {}, "paced": {}}
-            for name, base_url, method, path, headers, body in plan:
+            for name, server, method, path, headers, body in plan:
                 for mode, rate in (("closed", None), ("paced", args.rate)):
                     results[mode][name] = asyncio.run(
                         _load(
-                            base_url,
+                            server,
                             method,
                             path,
                             headers,
@@ -479,10 +562,12 @@ def main() -> None:
                 server.stop()
             servers.clear()
 
+            load_after = os.getloadavg()
             print(
                 f"\n{args.clients} concurrent clients per endpoint, {seconds:g} s measured after "
-                f"{warmup:g} s warm-up; one uvicorn worker per server; load average "
-                f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+                f"{warmup:g} s warm-up; one uvicorn worker per server (http {http}, loop {loop}, "
+                f"log level {bird_log_level}); load average (1/5/15 min) before "
+                f"{_loads(load_before)}, after {_loads(load_after)} on {os.cpu_count()} CPUs"
             )
             print("\nclosed loop (each client sends again as soon as answered: saturation)\n")
             _print_table(results["closed"], results["closed"]["bare GET /ping"])
@@ -526,7 +611,9 @@ def main() -> None:
         "paced_rate_per_client": args.rate,
         "seconds_per_endpoint": seconds,
         "cpu_count": os.cpu_count(),
-        "load_average_after": os.getloadavg()[0],
+        "uvicorn": {"http": http, "loop": loop, "log_level": bird_log_level},
+        "load_average_before": list(load_before),
+        "load_average_after": list(load_after),
         "endpoints": results,
         "claims": claims,
         "targets": {

@@ -90,29 +90,86 @@ def tiny_tabular_data() -> DatasetSplits:
 
 
 @pytest.fixture(scope="session")
-def ray_local() -> Iterator[None]:
-    """A local Ray with 2 CPUs shared by every Ray test of the session (integration and e2e).
+def ray_local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Ray cluster of one node with 2 CPUs, shared by every Ray test of the session; yields
+    its address.
 
-    Defined here, once: a session fixture imported by two conftest files would start Ray twice.
+    Started the way a deployment starts one, ``ray start --head`` in a process of its own, so
+    the worker processes of the tests join a separate cluster as ``bird worker`` does in
+    docker-compose. This process joins it as a driver. Defined here, once: a session fixture
+    imported by two conftest files would start Ray twice.
     """
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
     import ray
 
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-        # Workers inherit this process's environment; keep them from touching real AWS.
-        runtime_env={
-            "env_vars": {
-                "AWS_EC2_METADATA_DISABLED": "true",
-                # The Train controller polls its workers every 2 s by default; each Ray Train
-                # test run would spend seconds waiting on that poll alone.
-                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
-            }
-        },
+    def free_port() -> int:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            return probe.getsockname()[1]
+
+    port, dashboard_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        # Workers inherit the node's environment; keep them from touching real AWS.
+        "AWS_EC2_METADATA_DISABLED": "true",
+        # The Train controller polls its workers every 2 s by default; each Ray Train test run
+        # would spend seconds waiting on that poll alone.
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        # A throwaway cluster on loopback: no auth token to share with its drivers.
+        "RAY_AUTH_MODE": "disabled",
+    }
+    log = tmp_path_factory.mktemp("ray") / "head.log"
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    head = subprocess.Popen(
+        [
+            ray_cli,
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--node-ip-address=127.0.0.1",
+            "--include-dashboard=true",
+            f"--dashboard-port={dashboard_port}",
+            "--dashboard-host=127.0.0.1",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
+    address = f"127.0.0.1:{port}"
+    # This process and the worker processes the tests start join without a token too.
+    previous_auth_mode = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+            break
+        except (ConnectionError, RuntimeError) as error:
+            if head.poll() is not None or time.monotonic() > deadline:
+                head.kill()
+                pytest.fail(f"ray start --head failed ({error}): {log.read_text()[-2000:]}")
+            time.sleep(0.5)
     try:
-        yield
+        yield address
     finally:
         ray.shutdown()
+        if previous_auth_mode is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = previous_auth_mode
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its node on SIGTERM
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)

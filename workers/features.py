@@ -153,6 +153,19 @@ class TeacherEmbedder:
         return batch
 
 
+def decode_images_once(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Replace the encoded ``image`` column by decoded ``pixels`` (uint8 ``[N, C, H, W]``).
+
+    For datasets kept in memory across epochs: decoding PNGs in every epoch of every rank
+    would otherwise cost as much as a small student's steps.
+    """
+    if "image" not in batch:
+        return batch
+    decoded = {k: v for k, v in batch.items() if k != "image"}
+    decoded["pixels"] = decode_image_column(batch["image"])
+    return decoded
+
+
 def decode_stage(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Ray Data task: decode images into a ``pixels`` column ahead of the teacher actor.
 
@@ -462,7 +475,9 @@ def batch_from_rows(
     rows: dict[str, np.ndarray], preprocess: Preprocessor, device: str | torch.device = "cpu"
 ) -> Batch:
     """Turn a batch of feature rows into a bird_core :class:`Batch` (the teacher never runs)."""
-    if "image" in rows:
+    if "pixels" in rows:  # decoded once, ahead of training (see decode_images_once)
+        x = torch.from_numpy(np.ascontiguousarray(rows["pixels"]))
+    elif "image" in rows:
         x = torch.from_numpy(decode_image_column(rows["image"]))
     else:
         x = torch.from_numpy(np.stack(rows["x"]).astype(np.float32))

@@ -42,9 +42,12 @@ def connect_ray(settings: Settings) -> None:
     """Join the Ray cluster of ``settings.ray_address``, or start a local one (embedded mode)."""
     if ray.is_initialized():
         return
+    # A local cluster gets Ray's dashboard: Ray Train's clean-up of the placement groups of a
+    # trial that Tune stopped asks the State API it serves.
     ray.init(
-        address=settings.ray_address,
-        include_dashboard=False,
+        # Without an address, a cluster of our own: "auto" would join whatever Ray happens to
+        # run on this machine.
+        address=settings.ray_address or "local",
         log_to_driver=settings.log_level == "debug",
         configure_logging=False,
     )
@@ -204,6 +207,10 @@ class Worker:
                 outcome = ("fail", f"attempt {job.attempts} of {job.max_attempts} failed: {detail}")
             else:
                 outcome = ("retry", detail)
+                # Back off before giving the job back, so that a passing failure (a Ray node
+                # restarting) does not use up every attempt within seconds. The lease is still
+                # ours: the heartbeat keeps renewing it while we wait.
+                control.cancel.wait(min(2.0**job.attempts, self.settings.lease_s / 2))
         finally:
             heartbeat.done.set()
             control.changed.set()  # wake it to exit

@@ -64,7 +64,13 @@ from service.settings import Settings
 from service.spec import JobSpec, ObjectiveSpec
 from service.storage import ObjectStore, open_store
 from workers.checkpoints import publish_checkpoint
-from workers.features import FeatureSet, batch_from_rows, decode_image_column, read_feature_split
+from workers.features import (
+    FeatureSet,
+    batch_from_rows,
+    decode_image_column,
+    decode_images_once,
+    read_feature_split,
+)
 from workers.sinks import EpochRecord, MetricsSink, SinkCallback
 
 __all__ = [
@@ -177,14 +183,11 @@ class TrainPlan:
 
 @dataclass
 class TrainOutcome:
-    """What a finished (or stopped) run produced."""
+    """What a finished (or stopped) run produced: rank 0's last report and its checkpoints."""
 
-    records: list[EpochRecord] = field(default_factory=list)
     stopped: bool = False
-    best: dict[str, Any] | None = None  # the published best checkpoint
-    last: dict[str, Any] | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)  # rank 0's last report
-    error: BaseException | None = None
+    last: dict[str, Any] | None = None  # the published `last` checkpoint (PublishedCheckpoint)
+    metrics: dict[str, Any] = field(default_factory=dict)
 
 
 # An epoch that breaks a search's Δ_mean-DEO bound scores below any epoch that keeps it.
@@ -287,6 +290,8 @@ def plan_training(
     elif dataset_meta.image_shape is not None:
         # Images are decoded to RGB, whatever the stored mode.
         student_options.setdefault("in_channels", 3)
+    # The student is built once here so that options it does not take fail the job at once.
+    create_model(spec.student.model, dataset_meta.num_classes, **student_options)
     metadata = features.metadata
     counts = metadata.get("counts", {})
     return TrainPlan(
@@ -336,7 +341,11 @@ def build_datasets(
         )
     datasets["train"] = train
     if materialize:
-        datasets = {name: ds.materialize() for name, ds in datasets.items()}
+        # Decoded once here, not in every epoch of every rank.
+        datasets = {
+            name: ds.map_batches(decode_images_once, batch_format="numpy").materialize()
+            for name, ds in datasets.items()
+        }
     return datasets
 
 
@@ -345,7 +354,9 @@ def build_datasets(
 
 def _split_from_rows(rows: dict[str, np.ndarray]) -> tuple[Split, TeacherFeatures | None]:
     """Rows of the feature table as an in-memory bird_core split (+ the teacher's outputs)."""
-    if "image" in rows:
+    if "pixels" in rows:
+        x = torch.from_numpy(np.ascontiguousarray(rows["pixels"]))
+    elif "image" in rows:
         x = torch.from_numpy(decode_image_column(rows["image"]))
     else:
         x = torch.from_numpy(np.stack(rows["x"]).astype(np.float32))
@@ -695,7 +706,6 @@ def run_training(
     run_name: str,
     sink: MetricsSink | None = None,
     callbacks: list[Any] | None = None,
-    raise_on_error: bool = True,
 ) -> TrainOutcome:
     """Run ``plan`` with a ``TorchTrainer``; resume if ``storage``/``run_name`` hold a run.
 
@@ -735,13 +745,8 @@ def run_training(
         ),
     )
     outcome = TrainOutcome()
-    try:
-        result = trainer.fit()
-    except Exception as error:  # Ray wraps worker errors in TrainingFailedError
-        if raise_on_error:
-            raise
-        outcome.error = error
-        return outcome
+    # Worker errors beyond max_failures raise here (ray.train.TrainingFailedError).
+    result = trainer.fit()
     metrics = dict(result.metrics or {})
     outcome.metrics = metrics
     outcome.stopped = bool(metrics.get("stopped", False))

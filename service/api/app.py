@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import select
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,12 +22,12 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
-from sqlalchemy import Engine
-from sqlalchemy.exc import DataError, InterfaceError, OperationalError
+from sqlalchemy import Engine, event, make_url
+from sqlalchemy.exc import DataError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from service import queue
-from service.api.deps import AppState
+from service.api.deps import READ_THREADS, WRITE_THREADS, AppState
 from service.api.routes import checkpoints, health, jobs
 from service.db import make_engine, session_factory
 from service.settings import Settings
@@ -44,10 +45,16 @@ log = logging.getLogger("bird.api")
 
 DASHBOARD_DIR = Path(__file__).resolve().parent.parent / "dashboard"
 
-# Connections per API process on PostgreSQL. FastAPI runs sync endpoints on a pool of 40
-# threads; pool + overflow = 40 means no request thread ever waits for a connection.
-PG_POOL_SIZE = 20
-PG_MAX_OVERFLOW = 20
+# Connections per API process on PostgreSQL, in two pools: autocommit connections for reads and
+# transactional ones for writes, (pool_size, max_overflow) each. At most READ_THREADS and
+# WRITE_THREADS threads use them at once, so pools that keep that many connections never churn
+# and never make a thread wait; the overflow covers the readiness probe's threads. At most 32
+# connections in all (40 before the split).
+PG_READ_POOL = (READ_THREADS, 4)
+PG_WRITE_POOL = (WRITE_THREADS, 4)
+# No pooled connection is older than this: one left idle behind a NAT or a load balancer that
+# silently forgets idle flows (AWS's NAT gateway: 350 s) is replaced before that happens.
+PG_POOL_RECYCLE_S = 300
 
 _DESCRIPTION = """
 Fair knowledge distillation as a service. Submit a job spec (dataset, teacher, student, method,
@@ -133,11 +140,51 @@ def _register_errors(app: FastAPI) -> None:
         return _detail(status.HTTP_500_INTERNAL_SERVER_ERROR, "internal server error")
 
 
-def _make_engine(settings: Settings) -> Engine:
+def _discard_if_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """Pool checkout hook: refuse a pooled PostgreSQL connection that the server has closed.
+
+    What ``pool_pre_ping`` is for, without its round trip. A server that restarts, or ends an
+    idle session (``pg_terminate_backend``, ``idle_session_timeout``), sends an error and closes
+    the socket, so an idle pooled connection with anything to read is dead (or, at best,
+    carrying an unsolicited message); a zero-timeout ``poll()`` sees that in a system call.
+    ``DisconnectionError`` makes the pool discard the connection and hand out a fresh one. A
+    peer that vanished without closing (a dead route) is not seen here, nor in time by a
+    ``SELECT 1``; the first query on it fails, the pool drops it and every older connection,
+    and reads are retried once on a fresh connection (``AppState.read``).
+    """
+    try:
+        closed = bool(dbapi_connection.closed) or dbapi_connection.pgconn.status != 0
+        if not closed:
+            poller = select.poll()
+            poller.register(dbapi_connection.pgconn.socket, select.POLLIN | select.POLLPRI)
+            closed = bool(poller.poll(0))
+    except Exception:  # a connection that cannot even be inspected is not worth keeping
+        closed = True
+    if closed:
+        raise DisconnectionError("the database closed this pooled connection")
+
+
+def _make_engine(settings: Settings, *, reads: bool = False) -> Engine:
+    """The API's engine for writes, or (``reads``, PostgreSQL only) for reads: autocommit."""
     url = settings.resolved_database_url
-    if url.startswith("postgresql"):
-        return make_engine(url, pool_size=PG_POOL_SIZE, max_overflow=PG_MAX_OVERFLOW)
-    return make_engine(url)
+    if not url.startswith("postgresql"):
+        return make_engine(url)
+    # The hook below reads psycopg 3's connection; other drivers keep the pre-ping.
+    cheap_ping = hasattr(select, "poll") and make_url(url).get_driver_name() == "psycopg"
+    pool_size, max_overflow = PG_READ_POOL if reads else PG_WRITE_POOL
+    engine = make_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_recycle=PG_POOL_RECYCLE_S,
+        pool_pre_ping=not cheap_ping,
+        # A pool of its own rather than engine.execution_options(): switching a pooled
+        # connection to autocommit and back on every checkout costs more CPU than the query.
+        **({"isolation_level": "AUTOCOMMIT"} if reads else {}),
+    )
+    if cheap_ping:
+        event.listen(engine, "checkout", _discard_if_closed)
+    return engine
 
 
 def create_app(
@@ -149,11 +196,25 @@ def create_app(
     engine created here is disposed when the app shuts down; one passed in belongs to the
     caller). The database must already be migrated (``bird db upgrade``).
     """
-    owns_engine = engine is None
-    engine = engine if engine is not None else _make_engine(settings)
+    owned: list[Engine] = []
+    if engine is None:
+        engine = _make_engine(settings)
+        owned.append(engine)
+        if engine.dialect.name == "postgresql":
+            owned.append(_make_engine(settings, reads=True))
+    # Reads: autocommit connections, which send a read's queries and nothing else. From a pool
+    # of their own on PostgreSQL; otherwise (SQLite, an engine passed in) from the same pool,
+    # switched to autocommit at each checkout.
+    read_engine = (
+        owned[1] if len(owned) > 1 else engine.execution_options(isolation_level="AUTOCOMMIT")
+    )
     store = store if store is not None else store_from_settings(settings)
     state = AppState(
-        settings=settings, engine=engine, sessions=session_factory(engine), store=store
+        settings=settings,
+        engine=engine,
+        sessions=session_factory(engine),
+        read_engine=read_engine,
+        store=store,
     )
 
     @asynccontextmanager
@@ -162,8 +223,8 @@ def create_app(
             yield
         finally:
             state.probes.shutdown(wait=False, cancel_futures=True)
-            if owns_engine:
-                engine.dispose()
+            for owned_engine in owned:
+                owned_engine.dispose()
 
     app = FastAPI(
         title="bird",
@@ -182,7 +243,7 @@ def create_app(
         app.mount("/ui", StaticFiles(directory=DASHBOARD_DIR, html=True), name="ui")
 
         @app.get("/", include_in_schema=False)
-        def root() -> RedirectResponse:
+        async def root() -> RedirectResponse:
             return RedirectResponse("/ui/")
 
     return app

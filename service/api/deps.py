@@ -1,32 +1,49 @@
-"""The API's shared state and its FastAPI dependencies (DB session, store, settings, caller).
+"""The API's shared state and its FastAPI dependencies (database, store, settings, caller).
 
-Everything here is plain sync code: endpoints are ``def`` functions that FastAPI runs in its
-thread pool, each with one SQLAlchemy session from a sized connection pool.
+Endpoints are ``async``; the blocking part of one (SQLAlchemy, the object store) runs in
+FastAPI's thread pool as one call, :meth:`Db.read` or :meth:`Db.write`, with a connection from
+a sized pool. Every hop to a worker thread and back costs two context switches and a wake-up of
+the event loop, so a request makes as few as it can: one to check the caller's key, one for the
+endpoint's work; request parsing, response validation and serialisation stay on the event loop.
+
+Reads get a Core :class:`~sqlalchemy.engine.Connection` in autocommit mode: a read costs its
+queries and nothing else (no ``BEGIN``, no ``ROLLBACK`` when the connection goes back to the
+pool, no ORM identity map). Under PostgreSQL's default READ COMMITTED every statement of a
+transaction sees a fresh snapshot anyway, so this changes nothing about what a read can see. A
+read whose connection turns out to be dead (the database restarted) is run once more on a fresh
+connection. Writes get a transactional ORM session, committed by the queue operation that does
+the writing; they are never retried.
 
 Authentication reads ``Authorization: Bearer <key>`` itself (so that a missing, a malformed and
 an unknown key each get their own clear 401) and declares the scheme with
 :class:`fastapi.security.HTTPBearer` so that the OpenAPI document and ``/docs`` know about it.
-Keys are never logged or echoed back.
+The key is checked against the database on every request (nothing is cached: a revoked key is
+refused at once), before the request's body or parameters are looked at. Keys are never logged
+or echoed back.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Concatenate, ParamSpec, TypeVar
 from urllib.parse import unquote, urlparse
 
+import anyio.to_thread
+from anyio import CapacityLimiter
 from fastapi import Depends, HTTPException, Request, Security, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.auth import authenticate
+from service.auth import key_owner, may_be_key
 from service.settings import Settings
 from service.storage import (
     InvalidKeyError,
@@ -40,25 +57,39 @@ from service.storage import (
 )
 
 __all__ = [
+    "READ_THREADS",
+    "WRITE_THREADS",
     "AppState",
     "Caller",
     "CallerDep",
-    "SessionDep",
+    "Db",
+    "DbDep",
     "SettingsDep",
     "StateDep",
     "StoreDep",
     "UnresolvableURI",
     "bearer_scheme",
     "current_caller",
-    "get_session",
+    "get_db",
     "get_settings",
     "get_state",
     "get_store",
 ]
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
 # S3 bucket naming rules (3-63 lower-case letters, digits, dots, hyphens). Checked before a
 # user-supplied s3:// URI reaches boto3, whose own validation error would read like an outage.
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+# Worker threads that run reads (key checks included) and writes at once, per API process; the
+# two connection pools are sized to match, so neither churns nor makes a thread wait. A few
+# threads keep two CPUs busy; more only add context switches and contention for the GIL, while
+# a request waiting for a thread waits on the event loop, at no cost. Writes have threads of
+# their own: a submit checks its dataset in the object store, and a slow store must not hold up
+# the reads.
+READ_THREADS = 16
+WRITE_THREADS = 8
 # Stores opened for URIs outside the deployment's store (another bucket, a local directory) are
 # cached: building a boto3 client costs tens of milliseconds. Bounded, least recently used out.
 _STORE_CACHE_SIZE = 64
@@ -70,18 +101,69 @@ class UnresolvableURI(ValueError):
 
 @dataclass
 class AppState:
-    """What every request shares: settings, the engine and its sessions, the object store."""
+    """What every request shares: settings, the engines and sessions, the object store.
+
+    ``sessions`` are transactional (writes); ``read_engine`` hands out autocommit connections
+    (reads: no ``BEGIN``/``ROLLBACK`` round trips). :meth:`run_read` and :meth:`run_write` run
+    work in worker threads, at most ``READ_THREADS`` and ``WRITE_THREADS`` at once.
+    """
 
     settings: Settings
     engine: Engine
     sessions: sessionmaker[Session]
+    read_engine: Engine
     store: ObjectStore
     # Readiness probes run here so that a hung dependency cannot hold a probe past its deadline.
     probes: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=4, thread_name_prefix="bird-probe")
     )
+    read_threads: CapacityLimiter = field(default_factory=lambda: CapacityLimiter(READ_THREADS))
+    write_threads: CapacityLimiter = field(default_factory=lambda: CapacityLimiter(WRITE_THREADS))
     _stores: OrderedDict[str, ObjectStore] = field(default_factory=OrderedDict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def run_read(
+        self, work: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """:meth:`read` in a worker thread (one of at most ``READ_THREADS``)."""
+        call = functools.partial(self.read, work, *args, **kwargs)
+        return await anyio.to_thread.run_sync(call, limiter=self.read_threads)
+
+    async def run_write(
+        self, work: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """:meth:`write` in a worker thread (one of at most ``WRITE_THREADS``)."""
+        call = functools.partial(self.write, work, *args, **kwargs)
+        return await anyio.to_thread.run_sync(call, limiter=self.write_threads)
+
+    def read(
+        self, work: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """``work(connection, ...)`` on an autocommit connection (blocking: a worker thread's).
+
+        A connection found dead on first use (the database restarted or closed it) has already
+        been discarded by the pool, and so has every connection opened before it; the read runs
+        once more on a fresh one. A second failure is raised (the API answers 503).
+        """
+        try:
+            with self.read_engine.connect() as connection:
+                return work(connection, *args, **kwargs)
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+        with self.read_engine.connect() as connection:
+            return work(connection, *args, **kwargs)
+
+    def write(
+        self, work: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """``work(session, ...)`` on a transactional session; ``work`` commits what it writes.
+
+        Never retried: whether a write that failed mid-way took effect is for ``work`` (the
+        queue's operations are idempotent where it matters) and the client to find out.
+        """
+        with self.sessions() as session:
+            return work(session, *args, **kwargs)
 
     @property
     def is_local(self) -> bool:
@@ -225,7 +307,8 @@ def _unauthorized(detail: str) -> HTTPException:
     )
 
 
-def _authenticate(request: Request, session: Session) -> Caller:
+def _bearer_token(request: Request) -> str:
+    """The key of ``Authorization: Bearer <key>``; 401 when the header is missing or malformed."""
     header = request.headers.get("authorization")
     if header is None or not header.strip():
         raise _unauthorized("missing Authorization header: send 'Authorization: Bearer <API key>'")
@@ -233,51 +316,78 @@ def _authenticate(request: Request, session: Session) -> Caller:
     token = token.strip()
     if scheme.lower() != "bearer" or not token or " " in token:
         raise _unauthorized("malformed Authorization header: expected 'Bearer <API key>'")
-    tenant = authenticate(session, token)
-    if tenant is None:
-        raise _unauthorized("invalid API key: it is unknown or was revoked")
-    return Caller(tenant_id=tenant.id, tenant_name=tenant.name)
+    return token
+
+
+def _lookup_caller(connection: Connection, token: str) -> Caller | None:
+    owner = key_owner(connection, token)
+    return None if owner is None else Caller(tenant_id=owner[0], tenant_name=owner[1])
 
 
 @dataclass(frozen=True)
-class _Scope:
-    session: Session
+class Db:
+    """The database access of an authenticated request.
+
+    ``await db.read(work, *args)`` runs ``work(connection, caller, *args)`` on an autocommit
+    Core connection, ``await db.write(work, *args)`` runs ``work(session, caller, *args)`` on a
+    transactional ORM session; either in one thread-pool hop, which also hands the connection
+    back to the pool before the response is sent. ``work`` is plain blocking code: queries,
+    object-store calls, building the response model.
+    """
+
+    state: AppState
     caller: Caller
 
+    async def read(
+        self,
+        work: Callable[Concatenate[Connection, Caller, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """``work(connection, caller, ...)`` on an autocommit connection, in a worker thread."""
+        return await self.state.run_read(work, self.caller, *args, **kwargs)
 
-def _request_scope(
+    async def write(
+        self,
+        work: Callable[Concatenate[Session, Caller, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """``work(session, caller, ...)`` on a transactional session, in a worker thread."""
+        return await self.state.run_write(work, self.caller, *args, **kwargs)
+
+
+async def get_db(
     request: Request,
-    state: StateDep,
     _declared: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)],
-) -> Iterator[_Scope]:
-    """Open the request's session and authenticate the caller with it, in one thread-pool hop.
-
-    Every endpoint that touches the database is authenticated, so the session and the caller
-    come from this one dependency (FastAPI caches it per request): one hop to open the session
-    and check the key, one for the endpoint, one to close the session.
-    """
-    with state.sessions() as session:
-        yield _Scope(session=session, caller=_authenticate(request, session))
-
-
-_ScopeDep = Annotated[_Scope, Depends(_request_scope)]
-
-
-async def get_session(scope: _ScopeDep) -> Session:
-    """The request's session (authenticated requests only), closed after the response."""
-    return scope.session
-
-
-async def current_caller(scope: _ScopeDep) -> Caller:
-    """The tenant whose API key the request carries; 401 (with ``WWW-Authenticate``) if none.
+) -> Db:
+    """The request's :class:`Db`, for the tenant whose API key it carries; 401 if none.
 
     Missing, malformed (not ``Bearer <key>``) and unknown or revoked keys each get their own
-    message; the key itself is never echoed or logged.
+    message (with ``WWW-Authenticate``); the key itself is never echoed or logged. The key is
+    looked up in the database on every request (one query, one thread-pool hop) before the
+    request's parameters and body are looked at; a string that cannot be a key at all is
+    refused without asking the database. (One flat dependency: each level of FastAPI's
+    dependency tree costs CPU on every request.)
     """
-    return scope.caller
+    token = _bearer_token(request)
+    state: AppState = request.app.state.bird
+    caller = None
+    if may_be_key(token):
+        caller = await state.run_read(_lookup_caller, token)
+    if caller is None:
+        raise _unauthorized("invalid API key: it is unknown or was revoked")
+    return Db(state=state, caller=caller)
 
 
+DbDep = Annotated[Db, Depends(get_db)]
+
+
+async def current_caller(db: DbDep) -> Caller:
+    """The authenticated tenant of the request (see :func:`get_db`); 401 if none."""
+    return db.caller
+
+
+CallerDep = Annotated[Caller, Depends(current_caller)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[ObjectStore, Depends(get_store)]
-SessionDep = Annotated[Session, Depends(get_session)]
-CallerDep = Annotated[Caller, Depends(current_caller)]

@@ -10,16 +10,23 @@ import hashlib
 import math
 import socket
 import time
+import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import datetime, timezone
+from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import update
+from sqlalchemy import URL, Engine, event, text, update
 
 from service import queue
 from service.api import create_app
+from service.auth import create_key
+from service.db import make_engine, session_factory
 from service.models import ApiKey, JobState
+from service.settings import Settings
 from service.spec import METHOD_OPTIONS
 from service.storage import S3Store
 from tests.integration.api_fixtures import (
@@ -461,6 +468,67 @@ def test_metrics_series_latest_groups_and_since(
     assert nothing["series"] == [] and nothing["next_since"] == ids[-1]
 
 
+def test_metrics_latest_of_a_search_is_the_trial_that_reported_last(
+    live_api: LiveAPI, http: httpx.Client, tiny_dataset: str
+) -> None:
+    job_id = submit(http, tiny_dataset)["id"]
+    rows = [
+        {"split": "val", "name": "auroc", "value": 0.5, "epoch": 3, "trial": 1},
+        {"split": "val", "name": "auroc", "value": 0.6, "epoch": 4, "trial": 1},
+        {"split": "val", "name": "auroc", "value": 0.7, "epoch": 0, "trial": 2},
+        {"split": "val", "name": "group/0/tpr", "value": 0.4, "epoch": 0, "trial": 2},
+        {"split": "val", "name": "auroc", "value": 0.75, "epoch": 1, "trial": 2},
+        {"split": "val", "name": "f1", "value": 0.2, "epoch": 1, "trial": 2},
+        {"split": "val", "name": "f1", "value": 0.3, "epoch": 1, "trial": 2},  # re-reported
+        {"split": "train", "name": "loss", "value": 1.0, "epoch": 2, "trial": 1},
+        {"split": "train", "name": "loss", "value": 0.9},  # main run, no epoch: still wins
+        {"split": "train", "name": "loss", "value": 0.8, "epoch": 7, "trial": 2},
+    ]
+    with live_api.session() as session:
+        queue.record_metrics(session, job_id, rows)
+    metrics = http.get(f"/jobs/{job_id}/metrics").json()
+    # val: only trials; trial 2 reported last, so its highest epoch (1) is shown.
+    assert metrics["latest"] == {"train": {"loss": 0.9}, "val": {"auroc": 0.75, "f1": 0.3}}
+    assert metrics["groups"] == {}  # trial 2's group row is at epoch 0, not its latest
+    assert len(metrics["series"]) == len(rows)
+
+
+@contextmanager
+def statements_on(engine: Engine) -> Iterator[list[tuple[str, bool]]]:
+    """(SQL, sent in autocommit mode) for each statement ``engine`` sends in the block."""
+    sent: list[tuple[str, bool]] = []
+
+    def record(conn, _cursor, statement, _params, _context, _many) -> None:
+        sent.append((statement, conn.connection.dbapi_connection.autocommit))
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield sent
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+def test_reads_send_their_queries_and_nothing_else(
+    live_api: LiveAPI, http: httpx.Client, tiny_dataset: str
+) -> None:
+    job_id = submit(http, tiny_dataset)["id"]
+    with live_api.session() as session:
+        queue.record_metrics(session, job_id, [{"split": "val", "name": "auroc", "value": 0.5}])
+    # The key (one query, tenant included), then the endpoint's own queries; all outside any
+    # transaction (autocommit: no BEGIN, no ROLLBACK round trips).
+    expected = {f"/jobs/{job_id}": 2, f"/jobs/{job_id}/metrics": 3, "/jobs/999999/metrics": 2}
+    for path, count in expected.items():
+        with statements_on(live_api.engine) as sent:
+            response = http.get(path)
+        assert response.status_code == (404 if "999999" in path else 200), response.text
+        assert len(sent) == count, (path, [sql for sql, _ in sent])
+        assert all(autocommit for _, autocommit in sent), (path, sent)
+    with statements_on(live_api.engine) as sent:
+        assert http.post(f"/jobs/{job_id}/cancel").status_code == 200
+    assert sent[0][1] and "api_keys" in sent[0][0]  # the key: a read, like any other
+    assert sent[1:] and not any(autocommit for _, autocommit in sent[1:])  # the write: one txn
+
+
 def test_trials_events_and_logs(live_api: LiveAPI, http: httpx.Client, tiny_dataset: str) -> None:
     job_id = submit(http, tiny_dataset)["id"]
     assert http.get(f"/jobs/{job_id}/trials").json() == []
@@ -624,6 +692,71 @@ def test_readyz_is_503_when_the_store_is_unreachable(live_api: LiveAPI) -> None:
     assert body["checks"]["database"] == "ok"
     assert body["checks"]["store"] != "ok"
     assert elapsed < 10
+
+
+# --- dropped database connections -----------------------------------------------------------
+
+
+@pytest.fixture
+def own_engines_api(pg_url: URL, tmp_path: Path) -> Iterator[tuple[str, str, str, Engine]]:
+    """The API with the engines it makes itself (as deployed), on a fresh schema.
+
+    Yields its base URL, an API key, the ``application_name`` its connections carry (to find
+    them in ``pg_stat_activity``) and an engine for the test's own use.
+    """
+    name = f"bird-test-{uuid.uuid4().hex[:12]}"
+    url = pg_url.update_query_dict({"application_name": name})
+    settings = Settings(
+        data_dir=tmp_path,
+        database_url=url.render_as_string(hide_password=False),
+        store_url=str(tmp_path / "store"),
+    )
+    helper = make_engine(pg_url)
+    with session_factory(helper)() as session:
+        key = create_key(session, "dropped").key
+    try:
+        with serve(create_app(settings)) as base_url:
+            yield base_url, key, name, helper
+    finally:
+        helper.dispose()
+
+
+def test_requests_survive_the_database_dropping_pooled_connections(
+    own_engines_api: tuple[str, str, str, Engine],
+) -> None:
+    base_url, key, name, helper = own_engines_api
+    with session_factory(helper)() as session:
+        tenant_id = session.scalar(text("SELECT id FROM tenants WHERE name = 'dropped'"))
+        jobs = [queue.submit(session, tenant_id, {"dataset": {"uri": "d"}}).id for _ in range(3)]
+
+    def get(path: str) -> int:
+        with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}) as c:
+            return c.get(path).status_code
+
+    def cancel(job_id: int) -> int:
+        with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}) as c:
+            return c.post(f"/jobs/{job_id}/cancel").status_code
+
+    paths = [f"/jobs/{jobs[0]}", f"/jobs/{jobs[0]}/metrics", "/jobs"] * 8
+    with ThreadPoolExecutor(8) as pool:  # several pooled connections of each kind
+        assert set(pool.map(get, paths)) == {200}
+    assert cancel(jobs[0]) == 200
+
+    # What a database restart or an idle-session timeout does to every pooled connection.
+    with helper.connect() as connection:
+        killed = connection.execute(
+            text(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) "
+                "FROM pg_stat_activity WHERE application_name = :name"
+            ),
+            {"name": name},
+        ).scalar()
+    assert killed >= 2
+
+    # No request sees the dead connections: each is found closed at checkout and replaced.
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(get, paths)) == {200}
+    assert [cancel(jobs[1]), cancel(jobs[2])] == [200, 200]
 
 
 def test_publish_tiny_dataset_is_a_valid_dataset(live_api: LiveAPI) -> None:

@@ -53,7 +53,7 @@ class TrainData:
 
 
 @pytest.fixture(scope="module")
-def train_data(s3_server: str, ray_local: None) -> Iterator[TrainData]:
+def train_data(s3_server: str, ray_local: str) -> Iterator[TrainData]:
     """The dataset and its teacher features, in a bucket of their own."""
     from service.datasets import read_dataset_meta
     from workers.converters import prepare_fashion_mnist_s

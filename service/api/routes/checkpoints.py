@@ -16,10 +16,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Request, status
 from fastapi.responses import FileResponse, RedirectResponse, Response
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 
 from service import queue
-from service.api.deps import AppState, CallerDep, SessionDep, StateDep, UnresolvableURI
+from service.api.deps import AppState, Caller, DbDep, StateDep, UnresolvableURI
 from service.api.routes.jobs import JOB_ID_MAX, JobId, owned_job_id
 from service.api.schemas import CheckpointPublic
 from service.models import Checkpoint
@@ -75,15 +75,21 @@ def _checksum_headers(row: Checkpoint) -> dict[str, str]:
     summary="List a job's checkpoints with download URLs",
     responses={404: {"description": "No such job (or it belongs to another tenant)."}},
 )
-def list_checkpoints(
-    job_id: JobId, request: Request, session: SessionDep, caller: CallerDep, state: StateDep
+async def list_checkpoints(
+    job_id: JobId, request: Request, db: DbDep, state: StateDep
 ) -> list[CheckpointPublic]:
     """Names, sizes, sha256 and download URLs (presigned for S3) of the job's checkpoints."""
-    owned_job_id(session, caller, job_id)
-    rows = session.scalars(
-        select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.name)
-    ).all()
-    return [CheckpointPublic.from_row(row, _url(state, request, row)) for row in rows]
+
+    def work(connection: Connection, caller: Caller) -> list[CheckpointPublic]:
+        owned_job_id(connection, caller, job_id)
+        rows = connection.execute(
+            select(Checkpoint.__table__)
+            .where(Checkpoint.job_id == job_id)
+            .order_by(Checkpoint.name)
+        ).all()
+        return [CheckpointPublic.from_row(row, _url(state, request, row)) for row in rows]
+
+    return await db.read(work)
 
 
 @router.get(
@@ -97,42 +103,48 @@ def list_checkpoints(
         404: {"description": "No such job or checkpoint, or the archive is missing."},
     },
 )
-def download_checkpoint(
-    job_id: JobId, name: CheckpointName, session: SessionDep, caller: CallerDep, state: StateDep
+async def download_checkpoint(
+    job_id: JobId, name: CheckpointName, db: DbDep, state: StateDep
 ) -> Response:
     """The checkpoint archive ``<name>.tar``: a 307 to a presigned URL (S3) or the file itself
     (local store). Headers ``X-Bird-Sha256`` and ``X-Bird-Size`` describe the archive."""
-    owned_job_id(session, caller, job_id)
-    row = session.scalar(
-        select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.name == name)
-    )
-    if row is None:
-        names = session.scalars(
-            select(Checkpoint.name).where(Checkpoint.job_id == job_id).order_by(Checkpoint.name)
-        ).all()
-        have = ", ".join(names) if names else "none yet"
-        raise HTTPException(
-            status.HTTP_404_NOT_FOUND,
-            f"job {job_id} has no checkpoint named {name!r} (it has: {have})",
-        )
-    try:
-        store, key = state.resolve_object(row.uri)
-    except UnresolvableURI as exc:
-        raise HTTPException(
-            status.HTTP_404_NOT_FOUND, f"checkpoint {name!r} cannot be downloaded here: {exc}"
-        ) from None
-    headers = _checksum_headers(row)
-    if isinstance(store, LocalStore):
-        path = _local_file(store, key)
-        if path is None:
+
+    def work(connection: Connection, caller: Caller) -> Response:
+        owned_job_id(connection, caller, job_id)
+        row = connection.execute(
+            select(Checkpoint.__table__).where(Checkpoint.job_id == job_id, Checkpoint.name == name)
+        ).first()
+        if row is None:
+            names = connection.scalars(
+                select(Checkpoint.name).where(Checkpoint.job_id == job_id).order_by(Checkpoint.name)
+            ).all()
+            have = ", ".join(names) if names else "none yet"
             raise HTTPException(
                 status.HTTP_404_NOT_FOUND,
-                f"checkpoint {name!r} of job {job_id} is recorded at {row.uri}, "
-                "but the archive is not in the store",
+                f"job {job_id} has no checkpoint named {name!r} (it has: {have})",
             )
-        return FileResponse(path, media_type=_TAR, filename=f"{name}.tar", headers=headers)
-    url = store.presigned_get_url(key, state.settings.presign_expiry_s)
-    return RedirectResponse(url, status_code=status.HTTP_307_TEMPORARY_REDIRECT, headers=headers)
+        try:
+            store, key = state.resolve_object(row.uri)
+        except UnresolvableURI as exc:
+            raise HTTPException(
+                status.HTTP_404_NOT_FOUND, f"checkpoint {name!r} cannot be downloaded here: {exc}"
+            ) from None
+        headers = _checksum_headers(row)
+        if isinstance(store, LocalStore):
+            path = _local_file(store, key)
+            if path is None:
+                raise HTTPException(
+                    status.HTTP_404_NOT_FOUND,
+                    f"checkpoint {name!r} of job {job_id} is recorded at {row.uri}, "
+                    "but the archive is not in the store",
+                )
+            return FileResponse(path, media_type=_TAR, filename=f"{name}.tar", headers=headers)
+        url = store.presigned_get_url(key, state.settings.presign_expiry_s)
+        return RedirectResponse(
+            url, status_code=status.HTTP_307_TEMPORARY_REDIRECT, headers=headers
+        )
+
+    return await db.read(work)
 
 
 def _job_of_key(key: str) -> int | None:
@@ -153,7 +165,7 @@ def _job_of_key(key: str) -> int | None:
         404: {"description": "No such file, not one of the caller's jobs, or an S3 store."},
     },
 )
-def get_file(key: str, session: SessionDep, caller: CallerDep, state: StateDep) -> Response:
+async def get_file(key: str, db: DbDep, state: StateDep) -> Response:
     """Serve ``<store>/<key>`` of a local store, for keys under ``jobs/<id>/`` of the caller's
     jobs: the URLs ``LocalStore.presigned_get_url`` hands out. 404 with an S3 store."""
     store: ObjectStore = state.store
@@ -167,12 +179,16 @@ def get_file(key: str, session: SessionDep, caller: CallerDep, state: StateDep) 
     job_id = _job_of_key(key)
     if job_id is None:
         raise not_found
-    try:
-        owned_job_id(session, caller, job_id)
-    except queue.JobNotFound:
-        raise not_found from None
-    path = _local_file(store, key)
-    if path is None:
-        raise not_found
-    media = _TAR if key.endswith(".tar") else "application/octet-stream"
-    return FileResponse(path, media_type=media, filename=path.name)
+
+    def work(connection: Connection, caller: Caller) -> Response:
+        try:
+            owned_job_id(connection, caller, job_id)
+        except queue.JobNotFound:
+            raise not_found from None
+        path = _local_file(store, key)
+        if path is None:
+            raise not_found
+        media = _TAR if key.endswith(".tar") else "application/octet-stream"
+        return FileResponse(path, media_type=media, filename=path.name)
+
+    return await db.read(work)

@@ -38,7 +38,7 @@ def _check_store(state: AppState) -> None:
 
 
 @router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
-def healthz() -> Health:
+async def healthz() -> Health:
     """200 ``{"status": "ok"}`` whenever the process can answer at all."""
     return Health(status="ok")
 

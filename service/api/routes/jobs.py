@@ -2,6 +2,13 @@
 
 Every route here needs a bearer key, and a job is visible only to its tenant: another tenant's
 job id answers 404, exactly like an id that does not exist.
+
+The endpoints are ``async``: each hands its blocking part (queries, the dataset check) to one
+worker thread as a ``work(connection_or_session, caller)`` function through
+:class:`~service.api.deps.Db`: reads as Core queries on an autocommit connection, writes
+through ``service.queue`` on a transactional session (see ``service.api.deps``). The read
+queries are built once, at import, with bound parameters: building a statement and its cache key
+costs more CPU than running it on a small table.
 """
 
 from __future__ import annotations
@@ -13,18 +20,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, HTTPException, Path, Query, Response, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import Connection, and_, bindparam, func, select, true
 from sqlalchemy.orm import Session
 
 from service import queue
-from service.api.deps import (
-    AppState,
-    Caller,
-    CallerDep,
-    SessionDep,
-    StateDep,
-    UnresolvableURI,
-)
+from service.api.deps import AppState, Caller, DbDep, StateDep, UnresolvableURI
 from service.api.schemas import (
     EventPublic,
     GroupRow,
@@ -77,11 +77,16 @@ Since = Annotated[
 _NOT_FOUND = {404: {"description": "No such job (or it belongs to another tenant)."}}
 
 
-def owned_job_id(session: Session, caller: Caller, job_id: int) -> int:
+_JOB_ID = bindparam("job_id")
+_TENANT_ID = bindparam("tenant_id")
+_SINCE = bindparam("since")
+_OWNED_JOB = select(Job.id).where(Job.id == _JOB_ID, Job.tenant_id == _TENANT_ID)
+_TENANT_JOB = select(Job.__table__).where(Job.id == _JOB_ID, Job.tenant_id == _TENANT_ID)
+
+
+def owned_job_id(connection: Connection | Session, caller: Caller, job_id: int) -> int:
     """``job_id`` if the caller's tenant owns that job; raise JobNotFound (404) otherwise."""
-    found = session.scalar(
-        select(Job.id).where(Job.id == job_id, Job.tenant_id == caller.tenant_id)
-    )
+    found = connection.scalar(_OWNED_JOB, {"job_id": job_id, "tenant_id": caller.tenant_id})
     if found is None:
         raise queue.JobNotFound(job_id)
     return found
@@ -175,11 +180,10 @@ def check_dataset(state: AppState, uri: str) -> None:
         503: {"description": "The object store could not be reached to check the dataset."},
     },
 )
-def submit_job(
+async def submit_job(
     spec: JobCreate,
     response: Response,
-    session: SessionDep,
-    caller: CallerDep,
+    db: DbDep,
     state: StateDep,
     idempotency_key: Annotated[
         str | None,
@@ -203,63 +207,78 @@ def submit_job(
     if bad is not None:
         raise _invalid(("body", *bad), "NaN and infinities are not allowed", None)
     spec_json = spec.model_dump(mode="json")
-    if idempotency_key is not None:
-        existing = session.scalars(
-            select(Job).where(
-                Job.tenant_id == caller.tenant_id, Job.idempotency_key == idempotency_key
-            )
-        ).one_or_none()
-        if existing is not None:
-            if existing.spec != spec_json:
-                raise queue.IdempotencyConflict(
-                    f"Idempotency-Key {idempotency_key!r} was already used for job "
-                    f"{existing.id} with a different spec"
+
+    def work(session: Session, caller: Caller) -> JobPublic:
+        if idempotency_key is not None:
+            existing = session.scalars(
+                select(Job).where(
+                    Job.tenant_id == caller.tenant_id, Job.idempotency_key == idempotency_key
                 )
-            response.status_code = status.HTTP_200_OK
-            response.headers["Idempotent-Replayed"] = "true"
-            return JobPublic.from_job(existing)
-        # End the read transaction: submit() runs its own.
-        session.rollback()
-    check_dataset(state, spec.dataset.uri)
-    job = queue.submit(
-        session,
-        caller.tenant_id,
-        spec_json,
-        priority=spec.priority,
-        max_attempts=spec.max_attempts,
-        idempotency_key=idempotency_key,
-    )
-    return JobPublic.from_job(job)
+            ).one_or_none()
+            if existing is not None:
+                if existing.spec != spec_json:
+                    raise queue.IdempotencyConflict(
+                        f"Idempotency-Key {idempotency_key!r} was already used for job "
+                        f"{existing.id} with a different spec"
+                    )
+                response.status_code = status.HTTP_200_OK
+                response.headers["Idempotent-Replayed"] = "true"
+                return JobPublic.from_job(existing)
+            # End the read transaction (and hand the connection back while the dataset is
+            # checked): submit() runs its own.
+            session.rollback()
+        check_dataset(state, spec.dataset.uri)
+        job = queue.submit(
+            session,
+            caller.tenant_id,
+            spec_json,
+            priority=spec.priority,
+            max_attempts=spec.max_attempts,
+            idempotency_key=idempotency_key,
+        )
+        return JobPublic.from_job(job)
+
+    return await db.write(work)
 
 
 # --- list, show, cancel -----------------------------------------------------------------------
 
 
 @router.get("", response_model=JobList, summary="List jobs, newest first")
-def list_jobs(
-    session: SessionDep,
-    caller: CallerDep,
+async def list_jobs(
+    db: DbDep,
     state: Annotated[JobState | None, Query(description="Only jobs in this state.")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
 ) -> JobList:
     """The caller's jobs, newest first, ``limit`` per page from ``offset``."""
-    where = [Job.tenant_id == caller.tenant_id]
-    if state is not None:
-        where.append(Job.state == state)
-    total = session.scalar(select(func.count()).select_from(Job).where(*where)) or 0
-    jobs = session.scalars(
-        select(Job).where(*where).order_by(Job.id.desc()).limit(limit).offset(offset)
-    ).all()
-    return JobList(
-        items=[JobPublic.from_job(job) for job in jobs], total=total, limit=limit, offset=offset
-    )
+
+    def work(connection: Connection, caller: Caller) -> JobList:
+        where = [Job.tenant_id == caller.tenant_id]
+        if state is not None:
+            where.append(Job.state == state)
+        total = connection.scalar(select(func.count()).select_from(Job).where(*where)) or 0
+        rows = connection.execute(
+            select(Job.__table__).where(*where).order_by(Job.id.desc()).limit(limit).offset(offset)
+        ).all()
+        items = [JobPublic.from_job(row) for row in rows]
+        return JobList(items=items, total=total, limit=limit, offset=offset)
+
+    return await db.read(work)
 
 
 @router.get("/{job_id}", response_model=JobPublic, summary="Show a job", responses=_NOT_FOUND)
-def get_job(job_id: JobId, session: SessionDep, caller: CallerDep) -> JobPublic:
+async def get_job(job_id: JobId, db: DbDep) -> JobPublic:
     """One job of the caller's tenant."""
-    return JobPublic.from_job(queue.get_job(session, job_id, tenant_id=caller.tenant_id))
+
+    def work(connection: Connection, caller: Caller) -> JobPublic:
+        params = {"job_id": job_id, "tenant_id": caller.tenant_id}
+        row = connection.execute(_TENANT_JOB, params).first()
+        if row is None:
+            raise queue.JobNotFound(job_id)
+        return JobPublic.from_job(row)  # the row has the columns the ORM object would
+
+    return await db.read(work)
 
 
 @router.post(
@@ -272,21 +291,24 @@ def get_job(job_id: JobId, session: SessionDep, caller: CallerDep) -> JobPublic:
         409: {"description": "The job already finished."},
     },
 )
-def cancel_job(
-    job_id: JobId, response: Response, session: SessionDep, caller: CallerDep
-) -> JobPublic:
+async def cancel_job(job_id: JobId, response: Response, db: DbDep) -> JobPublic:
     """Cancel a job: a queued one at once (200, ``cancelled``); a running one is asked to
     stop (202, ``cancelling``, its worker finishes it); a finished one is a 409."""
-    try:
-        job = queue.cancel(session, job_id, caller.tenant_id)
-    except queue.IllegalTransition as exc:
-        raise HTTPException(
-            status.HTTP_409_CONFLICT,
-            f"job {job_id} is already {exc.state}: only queued or running jobs can be cancelled",
-        ) from None
-    if job.state == JobState.CANCELLING:
-        response.status_code = status.HTTP_202_ACCEPTED
-    return JobPublic.from_job(job)
+
+    def work(session: Session, caller: Caller) -> JobPublic:
+        try:
+            job = queue.cancel(session, job_id, caller.tenant_id)
+        except queue.IllegalTransition as exc:
+            raise HTTPException(
+                status.HTTP_409_CONFLICT,
+                f"job {job_id} is already {exc.state}: only queued or running jobs can be "
+                "cancelled",
+            ) from None
+        if job.state == JobState.CANCELLING:
+            response.status_code = status.HTTP_202_ACCEPTED
+        return JobPublic.from_job(job)
+
+    return await db.write(work)
 
 
 # --- metrics ----------------------------------------------------------------------------------
@@ -301,66 +323,93 @@ _POINT_COLUMNS = (
     Metric.value,
     Metric.at,
 )
+# Plain rows, not ORM entities: a poll can carry thousands of points, and building an
+# identity-mapped object per point would cost more than the query.
+_SERIES = (
+    select(*_POINT_COLUMNS)
+    .where(Metric.job_id == _JOB_ID, Metric.id > _SINCE)
+    .order_by(Metric.id)
+    .limit(SERIES_CAP)
+)
 
 
-def _latest(
-    session: SessionDep, job_id: int
-) -> tuple[dict[str, dict[str, float | None]], dict[str, list[GroupRow]]]:
-    """Each split's values at its highest epoch, and its per-group table at that epoch.
+def _latest_statement() -> Any:
+    """The rows of each split's latest epoch, and whether the caller owns the job: one query.
 
-    Rows outside a search (``trial`` null) are preferred; a split that only has trial rows
-    (a search still running) shows the trial that reported last. Two queries whatever the size
-    of the series: one aggregate, one fetch of the chosen rows.
+    Per split, the run to show is the main run (``trial`` null) if there is one, else the trial
+    that reported last; its rows at its highest epoch are the split's latest values. The
+    ``jobs`` row of the caller's tenant is joined (outer) to them, so no row at all means no
+    such job (404) and a single row without a split means a job without metrics yet.
     """
     epoch = func.coalesce(Metric.epoch, _NO_EPOCH)
-    summary = session.execute(
+    runs = (
         select(
             Metric.split,
             Metric.trial,
             func.max(epoch).label("epoch"),
             func.max(Metric.id).label("last_id"),
         )
-        .where(Metric.job_id == job_id)
+        .where(Metric.job_id == _JOB_ID)
         .group_by(Metric.split, Metric.trial)
-    ).all()
-    chosen: dict[str, Any] = {}
-    for row in summary:
-        best = chosen.get(row.split)
-        # The main run beats any trial; among trials, the one that reported last wins.
-        better = best is None or (
-            best.trial is not None and (row.trial is None or row.last_id > best.last_id)
+        .subquery("runs")
+    )
+    rank = func.row_number().over(
+        partition_by=runs.c.split, order_by=(runs.c.trial.is_(None).desc(), runs.c.last_id.desc())
+    )
+    ranked = select(runs.c.split, runs.c.trial, runs.c.epoch, rank.label("rank")).subquery("ranked")
+    rows = (
+        select(Metric.id, Metric.split, Metric.name, Metric.value)
+        .join(
+            ranked,
+            and_(
+                ranked.c.rank == 1,
+                Metric.split == ranked.c.split,
+                Metric.trial.is_not_distinct_from(ranked.c.trial),
+                epoch == ranked.c.epoch,
+            ),
         )
-        if better:
-            chosen[row.split] = row
-    if not chosen:
-        return {}, {}
-    conditions = [
-        and_(
-            Metric.split == row.split,
-            Metric.trial.is_(None) if row.trial is None else Metric.trial == row.trial,
-            epoch == row.epoch,
-        )
-        for row in chosen.values()
-    ]
-    rows = session.execute(
-        select(Metric.split, Metric.name, Metric.value)
-        .where(Metric.job_id == job_id, or_(*conditions))
-        .order_by(Metric.id)
-    ).all()
-    latest: dict[str, dict[str, float | None]] = {split: {} for split in sorted(chosen)}
+        .where(Metric.job_id == _JOB_ID)
+        .subquery("latest")
+    )
+    return (
+        select(rows.c.split, rows.c.name, rows.c.value)
+        .select_from(Job)
+        .outerjoin(rows, true())
+        .where(Job.id == _JOB_ID, Job.tenant_id == _TENANT_ID)
+        .order_by(rows.c.id)
+    )
+
+
+_LATEST = _latest_statement()
+
+
+def _latest(
+    connection: Connection, caller: Caller, job_id: int
+) -> tuple[dict[str, dict[str, float | None]], dict[str, list[GroupRow]]]:
+    """Each split's values at its latest epoch, and its per-group table at that epoch.
+
+    Raises JobNotFound unless the caller's tenant owns the job (the same query checks it).
+    """
+    rows = connection.execute(_LATEST, {"job_id": job_id, "tenant_id": caller.tenant_id}).all()
+    if not rows:
+        raise queue.JobNotFound(job_id)
+    latest: dict[str, dict[str, float | None]] = {}
     groups: dict[str, dict[int, dict[str, float | None]]] = {}
     for split, name, value in rows:  # in id order: a re-reported value replaces the older one
+        if split is None:  # the job has no metrics yet
+            continue
+        values = latest.setdefault(split, {})
         if name.startswith("group/"):
             parts = name.split("/")
             if len(parts) == 3 and parts[1].isdigit() and parts[2] in GROUP_FIELDS:
                 groups.setdefault(split, {}).setdefault(int(parts[1]), {})[parts[2]] = finite(value)
             continue
-        latest[split][name] = finite(value)
+        values[name] = finite(value)
     tables = {
         split: [GroupRow(group=g, **fields) for g, fields in sorted(by_group.items())]
         for split, by_group in sorted(groups.items())
     }
-    return latest, tables
+    return {split: latest[split] for split in sorted(latest)}, tables
 
 
 @router.get(
@@ -369,29 +418,23 @@ def _latest(
     summary="Metric series, latest summary and per-group table",
     responses=_NOT_FOUND,
 )
-def get_metrics(
-    job_id: JobId, session: SessionDep, caller: CallerDep, since: Since = 0
-) -> MetricsPublic:
+async def get_metrics(job_id: JobId, db: DbDep, since: Since = 0) -> MetricsPublic:
     """The series after ``since`` (by id, at most 10,000 points), plus each split's latest
     values and per-group table (see :class:`~service.api.schemas.MetricsPublic`)."""
-    owned_job_id(session, caller, job_id)
-    # Plain rows, not ORM entities: a poll can carry thousands of points, and building an
-    # identity-mapped object per point would cost more than the query.
-    points = session.execute(
-        select(*_POINT_COLUMNS)
-        .where(Metric.job_id == job_id, Metric.id > since)
-        .order_by(Metric.id)
-        .limit(SERIES_CAP)
-    ).all()
-    latest, groups = _latest(session, job_id)
-    series = [MetricPoint.from_row(point) for point in points]
-    return MetricsPublic(
-        job_id=job_id,
-        series=series,
-        latest=latest,
-        groups=groups,
-        next_since=series[-1].id if series else since,
-    )
+
+    def work(connection: Connection, caller: Caller) -> MetricsPublic:
+        latest, groups = _latest(connection, caller, job_id)  # 404 first
+        points = connection.execute(_SERIES, {"job_id": job_id, "since": since}).all()
+        series = [MetricPoint.from_row(point) for point in points]
+        return MetricsPublic(
+            job_id=job_id,
+            series=series,
+            latest=latest,
+            groups=groups,
+            next_since=series[-1].id if series else since,
+        )
+
+    return await db.read(work)
 
 
 # --- trials, events, logs ---------------------------------------------------------------------
@@ -403,13 +446,17 @@ def get_metrics(
     summary="Trials of the job's search",
     responses=_NOT_FOUND,
 )
-def get_trials(job_id: JobId, session: SessionDep, caller: CallerDep) -> list[TrialPublic]:
+async def get_trials(job_id: JobId, db: DbDep) -> list[TrialPublic]:
     """The trials of the job's hyper-parameter search, by index (empty without a search)."""
-    owned_job_id(session, caller, job_id)
-    trials = session.scalars(
-        select(Trial).where(Trial.job_id == job_id).order_by(Trial.trial_index)
-    ).all()
-    return [TrialPublic.from_row(trial) for trial in trials]
+
+    def work(connection: Connection, caller: Caller) -> list[TrialPublic]:
+        owned_job_id(connection, caller, job_id)
+        trials = connection.execute(
+            select(Trial.__table__).where(Trial.job_id == job_id).order_by(Trial.trial_index)
+        ).all()
+        return [TrialPublic.from_row(trial) for trial in trials]
+
+    return await db.read(work)
 
 
 @router.get(
@@ -418,24 +465,32 @@ def get_trials(job_id: JobId, session: SessionDep, caller: CallerDep) -> list[Tr
     summary="The job's state changes",
     responses=_NOT_FOUND,
 )
-def get_events(job_id: JobId, session: SessionDep, caller: CallerDep) -> list[EventPublic]:
+async def get_events(job_id: JobId, db: DbDep) -> list[EventPublic]:
     """Every change of the job (submit, claim, stage changes, cancel, finish...), oldest first."""
-    owned_job_id(session, caller, job_id)
-    events = session.scalars(
-        select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)
-    ).all()
-    return [EventPublic.from_row(event) for event in events]
+
+    def work(connection: Connection, caller: Caller) -> list[EventPublic]:
+        owned_job_id(connection, caller, job_id)
+        events = connection.execute(
+            select(JobEvent.__table__).where(JobEvent.job_id == job_id).order_by(JobEvent.id)
+        ).all()
+        return [EventPublic.from_row(event) for event in events]
+
+    return await db.read(work)
 
 
 @router.get("/{job_id}/logs", response_model=LogList, summary="The job's log", responses=_NOT_FOUND)
-def get_logs(job_id: JobId, session: SessionDep, caller: CallerDep, since: Since = 0) -> LogList:
+async def get_logs(job_id: JobId, db: DbDep, since: Since = 0) -> LogList:
     """Log lines after ``since``, oldest first, at most 1,000 per response."""
-    owned_job_id(session, caller, job_id)
-    lines = session.scalars(
-        select(JobLog)
-        .where(JobLog.job_id == job_id, JobLog.id > since)
-        .order_by(JobLog.id)
-        .limit(LOGS_CAP)
-    ).all()
-    items = [LogPublic.from_row(line) for line in lines]
-    return LogList(items=items, next_since=items[-1].id if items else since)
+
+    def work(connection: Connection, caller: Caller) -> LogList:
+        owned_job_id(connection, caller, job_id)
+        lines = connection.execute(
+            select(JobLog.__table__)
+            .where(JobLog.job_id == job_id, JobLog.id > since)
+            .order_by(JobLog.id)
+            .limit(LOGS_CAP)
+        ).all()
+        items = [LogPublic.from_row(line) for line in lines]
+        return LogList(items=items, next_since=items[-1].id if items else since)
+
+    return await db.read(work)
