@@ -384,6 +384,7 @@ def main() -> None:
     root = work / "store"
     store = LocalStore(root)
     ray.init(
+        address="local",  # a cluster of its own, never one already running on this machine
         num_cpus=RAY_NUM_CPUS,
         include_dashboard=False,
         log_to_driver=False,

@@ -12,6 +12,7 @@ visible to the e2e modules.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 
 from tests.integration.api_fixtures import (  # noqa: F401
+    LiveAPI,
     _api_local_server,
     _api_s3_server,
     live_api,
@@ -27,6 +29,7 @@ from tests.integration.api_fixtures import (  # noqa: F401
     tiny_dataset_local,
 )
 from tests.integration.conftest import s3_server  # noqa: F401
+from workers.runner import Worker
 
 CHROMIUM = Path(os.environ.get("BIRD_CHROMIUM", "/usr/bin/chromium"))
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -84,3 +87,43 @@ def artifacts_dir() -> Path:
     """``tests/e2e/artifacts/`` (screenshots; ignored by git)."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS
+
+
+# Jobs run by the real worker
+
+E2E_DATASET = "datasets/fm-e2e"
+E2E_SIZES = {"train_size": 400, "test_size": 100, "val_fraction": 0.005, "seed": 5}
+
+
+def job_spec(**training: Any) -> dict[str, Any]:
+    """A small BIRD job on the e2e dataset; ``training`` overrides training fields."""
+    return {
+        "dataset": {"uri": E2E_DATASET},
+        "teacher": {"image_size": 32, "probe_epochs": 3},
+        "student": {"model": "small_cnn", "options": {"width": 8, "embed_dim": 32}},
+        "method": {"name": "bird"},
+        "training": {"epochs": 2, "batch_size": 32, **training},
+        "resources": {"workers": 1, "cpus_per_worker": 0.5},
+    }
+
+
+@pytest.fixture(scope="module")
+def e2e_dataset(_api_s3_server: Any, ray_local: str) -> Any:  # noqa: F811
+    """FashionMNIST-S (tiny) in the API's bucket; returns its bird_core splits."""
+    from workers.converters import prepare_fashion_mnist_s
+    from workers.datasets import load_splits
+
+    prepare_fashion_mnist_s(_api_s3_server.store, E2E_DATASET, **E2E_SIZES)
+    return load_splits(_api_s3_server.store, E2E_DATASET)
+
+
+@pytest.fixture
+def worker_thread(live_api: LiveAPI, ray_local: str) -> Iterator[Worker]:  # noqa: F811
+    """A worker polling the API's database in a thread of this process."""
+    worker = Worker(live_api.settings, engine=live_api.engine, store=live_api.store, poll_s=0.2)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
+    thread.start()
+    yield worker
+    stop.set()
+    thread.join(timeout=120)
