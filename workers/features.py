@@ -153,17 +153,27 @@ class TeacherEmbedder:
         return batch
 
 
-def decode_images_once(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Replace the encoded ``image`` column by decoded ``pixels`` (uint8 ``[N, C, H, W]``).
+def dense(column: np.ndarray) -> np.ndarray:
+    """A column of equal-length float lists (an object array of arrays) as float32 ``[N, D]``."""
+    if column.dtype != object and column.ndim == 2:
+        return column.astype(np.float32, copy=False)
+    return np.stack(column).astype(np.float32)
 
-    For datasets kept in memory across epochs: decoding PNGs in every epoch of every rank
-    would otherwise cost as much as a small student's steps.
+
+def decode_images_once(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Decode ``image`` into ``pixels`` (uint8 ``[N, C, H, W]``) and make the teacher's outputs
+    dense ``[N, D]`` arrays.
+
+    For datasets kept in memory across epochs: decoding PNGs and stacking list columns in every
+    batch of every epoch of every rank would otherwise cost as much as a small student's steps.
     """
-    if "image" not in batch:
-        return batch
-    decoded = {k: v for k, v in batch.items() if k != "image"}
-    decoded["pixels"] = decode_image_column(batch["image"])
-    return decoded
+    prepared = {k: v for k, v in batch.items() if k != "image"}
+    if "image" in batch:
+        prepared["pixels"] = decode_image_column(batch["image"])
+    for name in ("embedding", "logits", "attention", "x"):
+        if name in prepared:
+            prepared[name] = dense(prepared[name])
+    return prepared
 
 
 def decode_stage(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -480,7 +490,7 @@ def batch_from_rows(
     elif "image" in rows:
         x = torch.from_numpy(decode_image_column(rows["image"]))
     else:
-        x = torch.from_numpy(np.stack(rows["x"]).astype(np.float32))
+        x = torch.from_numpy(dense(rows["x"]))
     label = rows["label"]
     label_t = (
         torch.from_numpy(np.stack(label).astype(np.float32))
@@ -491,7 +501,7 @@ def batch_from_rows(
     def tensor(name: str) -> torch.Tensor | None:
         if name not in rows:
             return None
-        return torch.from_numpy(np.stack(rows[name]).astype(np.float32))
+        return torch.from_numpy(dense(rows[name]))
 
     attention = tensor("attention")
     if attention is not None:

@@ -69,6 +69,7 @@ from workers.features import (
     batch_from_rows,
     decode_image_column,
     decode_images_once,
+    dense,
     read_feature_split,
 )
 from workers.sinks import EpochRecord, MetricsSink, SinkCallback
@@ -359,7 +360,7 @@ def _split_from_rows(rows: dict[str, np.ndarray]) -> tuple[Split, TeacherFeature
     elif "image" in rows:
         x = torch.from_numpy(decode_image_column(rows["image"]))
     else:
-        x = torch.from_numpy(np.stack(rows["x"]).astype(np.float32))
+        x = torch.from_numpy(dense(rows["x"]))
     label = rows["label"]
     label_t = (
         torch.from_numpy(np.stack(label).astype(np.float32))
@@ -371,13 +372,11 @@ def _split_from_rows(rows: dict[str, np.ndarray]) -> tuple[Split, TeacherFeature
         return split, None
     attention = None
     if "attention" in rows:
-        flat = torch.from_numpy(np.stack(rows["attention"]).astype(np.float32))
+        flat = torch.from_numpy(dense(rows["attention"]))
         side = round(flat.shape[1] ** 0.5)
         attention = flat.view(-1, side, side)
-    logits = (
-        torch.from_numpy(np.stack(rows["logits"]).astype(np.float32)) if "logits" in rows else None
-    )
-    embedding = torch.from_numpy(np.stack(rows["embedding"]).astype(np.float32))
+    logits = torch.from_numpy(dense(rows["logits"])) if "logits" in rows else None
+    embedding = torch.from_numpy(dense(rows["embedding"]))
     return split, TeacherFeatures(embedding, logits, attention)
 
 
