@@ -1,10 +1,12 @@
 """The API's shared state and its FastAPI dependencies (database, store, settings, caller).
 
-Endpoints are ``async``; the blocking part of one (SQLAlchemy, the object store) runs in
-FastAPI's thread pool as one call, :meth:`Db.read` or :meth:`Db.write`, with a connection from
-a sized pool. Every hop to a worker thread and back costs two context switches and a wake-up of
-the event loop, so a request makes as few as it can: one to check the caller's key, one for the
-endpoint's work; request parsing, response validation and serialisation stay on the event loop.
+Endpoints are ``async``; the blocking part of one (SQLAlchemy, the object store) runs in a
+worker thread as one call, :meth:`Db.read` or :meth:`Db.write`, with a connection from a pool
+sized to the threads allowed. Every hop to a worker thread and back costs two context switches
+and a wake-up of the event loop, so a request makes as few as it can: one to check the caller's
+key, one for the endpoint's work. (A ``def`` endpoint would make four: FastAPI runs a sync
+endpoint, its response validation, and each half of a sync ``yield`` dependency in the thread
+pool.) Request parsing, response validation and serialisation stay on the event loop.
 
 Reads get a Core :class:`~sqlalchemy.engine.Connection` in autocommit mode: a read costs its
 queries and nothing else (no ``BEGIN``, no ``ROLLBACK`` when the connection goes back to the
@@ -18,7 +20,7 @@ Authentication reads ``Authorization: Bearer <key>`` itself (so that a missing, 
 an unknown key each get their own clear 401) and declares the scheme with
 :class:`fastapi.security.HTTPBearer` so that the OpenAPI document and ``/docs`` know about it.
 The key is checked against the database on every request (nothing is cached: a revoked key is
-refused at once), before the request's body or parameters are looked at. Keys are never logged
+refused at once), before the request's parameters and body are validated. Keys are never logged
 or echoed back.
 """
 
@@ -366,7 +368,7 @@ async def get_db(
     Missing, malformed (not ``Bearer <key>``) and unknown or revoked keys each get their own
     message (with ``WWW-Authenticate``); the key itself is never echoed or logged. The key is
     looked up in the database on every request (one query, one thread-pool hop) before the
-    request's parameters and body are looked at; a string that cannot be a key at all is
+    request's parameters and body are validated; a string that cannot be a key at all is
     refused without asking the database. (One flat dependency: each level of FastAPI's
     dependency tree costs CPU on every request.)
     """
