@@ -332,8 +332,8 @@ def teachers_train(
     """Train a teacher with cross-entropy on --dataset and publish it at --out.
 
     Writes model.safetensors and teacher.json (architecture, options, preprocessing, test
-    metrics), manifest last. A job uses it as {"kind": "model", "weights_uri":
-    "<out>/model.safetensors"}.
+    metrics), manifest last. A job uses it as {"kind": "model", "arch": "<arch>",
+    "weights_uri": "<out>/model.safetensors"} (the command prints it).
     """
     # torch/bird_core: imported only when this command runs (service/ never imports torch).
     from bird_core.models import available_models
