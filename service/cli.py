@@ -449,9 +449,8 @@ def keys_create(
 
     from service.auth import create_key
     from service.db import make_engine, session_factory, upgrade
-    from service.settings import Settings
 
-    url = Settings().resolved_database_url
+    url = _settings().resolved_database_url
     try:
         if url.startswith("sqlite"):
             upgrade(url)  # the embedded default migrates itself
