@@ -266,7 +266,11 @@ class SinkCallback(UserCallback):
         metrics: list[dict[str, Any]],
         checkpoint: Checkpoint | None,
     ) -> None:
-        """Forward the epoch record that rank 0 attached to its metrics."""
-        if not metrics or "record" not in metrics[0]:
+        """Forward the epoch record that rank 0 attached to its metrics (after the restored
+        epoch's record, when a restored run sends it again)."""
+        if not metrics:
             return
-        self.sink.write(EpochRecord.from_json(metrics[0]["record"]))
+        if "restored_record" in metrics[0]:
+            self.sink.write(EpochRecord.from_json(metrics[0]["restored_record"]))
+        if "record" in metrics[0]:
+            self.sink.write(EpochRecord.from_json(metrics[0]["record"]))
