@@ -191,7 +191,11 @@ class DatabaseSink:
         from service.db import make_engine, session_factory
 
         if self._engine is None:
-            self._engine = make_engine(self.database_url)
+            from sqlalchemy.pool import NullPool
+
+            # No pooled connection left idle in the Train controller between epochs (it would
+            # also hold the database up when the job's schema or database is dropped).
+            self._engine = make_engine(self.database_url, poolclass=NullPool)
         return session_factory(self._engine)()
 
     def _existing_epochs(self, session: Any) -> set[tuple[int | None, int]]:
