@@ -45,8 +45,6 @@ import ray.data
 import torch
 
 from bird_core.data.base import DatasetSplits
-from bird_core.methods import create_method
-from bird_core.models import create_model
 from bird_core.preprocess import Preprocessor
 from bird_core.train import (
     TrainingState,
@@ -54,7 +52,6 @@ from bird_core.train import (
     fit,
     make_batch,
     plan_steps_per_epoch,
-    seed_everything,
     split_meta,
 )
 from service.datasets import read_dataset_meta
@@ -77,6 +74,7 @@ from workers.train import (
     _save,
     _split_from_rows,
     build_datasets,
+    build_student_and_method,
     plan_training,
     run_training,
 )
@@ -161,21 +159,6 @@ def split_rows(table: Any, split: str, by_id: bool = False) -> dict[str, np.ndar
     return rows
 
 
-def build_models(plan: TrainPlan) -> tuple[Any, Any]:
-    """Student and set-up method, seeded as train_loop_per_worker builds them."""
-    spec = plan.job
-    seed_everything(spec.seed)
-    student = create_model(spec.student.model, plan.num_classes, **plan.student_options)
-    method = create_method(spec.method.name, **plan.method_options)
-    method.setup(
-        student_dim=student.embed_dim,
-        teacher_dim=plan.teacher_dim,
-        num_classes=plan.num_classes,
-        task=plan.task,  # type: ignore[arg-type]
-    )
-    return student, method
-
-
 def in_memory_data(plan: TrainPlan, table: Any) -> tuple[DatasetSplits, Any]:
     """The feature table as bird_core splits plus the train rows' teacher outputs."""
     # Sorted by id, as workers.train.meta_ids orders rows before split_meta: the same meta slice.
@@ -199,7 +182,7 @@ def run_plain(plan: TrainPlan, table: Any, threads: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     data, train_features = in_memory_data(plan, table)
     config = plan.train_config()
-    student, method = build_models(plan)
+    student, method = build_student_and_method(plan)
     steps_at_end: list[int] = []
 
     def on_epoch_end(_: Any, state: TrainingState) -> None:
@@ -292,7 +275,7 @@ def breakdown(
     torch.set_num_threads(threads)
     data, train_features = in_memory_data(plan, table)
     config = plan.train_config()
-    student, method = build_models(plan)
+    student, method = build_student_and_method(plan)
     preprocess = Preprocessor.from_config(plan.preprocessing)
     steps = plan_steps_per_epoch(data, method, config)
     train_rows = torch.arange(len(data.train))

@@ -481,10 +481,9 @@ def load_feature_table(store: ObjectStore, features: FeatureSet) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def batch_from_rows(
-    rows: dict[str, np.ndarray], preprocess: Preprocessor, device: str | torch.device = "cpu"
-) -> Batch:
-    """Turn a batch of feature rows into a bird_core :class:`Batch` (the teacher never runs)."""
+def rows_as_tensors(rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor | None]:
+    """Feature rows as tensors: raw ``x``, ``label``, ``group`` and the teacher's outputs
+    (``teacher_embedding``, ``teacher_logits``, ``teacher_attention``; None when absent)."""
     if "pixels" in rows:  # decoded once, ahead of training (see decode_images_once)
         x = torch.from_numpy(np.ascontiguousarray(rows["pixels"]))
     elif "image" in rows:
@@ -507,14 +506,21 @@ def batch_from_rows(
     if attention is not None:
         side = round(attention.shape[1] ** 0.5)
         attention = attention.view(-1, side, side)
-    batch = Batch(
-        x=x,
-        label=label_t,
-        group=torch.from_numpy(rows["group"].astype(np.int64)),
-        teacher_embedding=tensor("embedding"),
-        teacher_logits=tensor("logits"),
-        teacher_attention=attention,
-    ).to(device)
+    return {
+        "x": x,
+        "label": label_t,
+        "group": torch.from_numpy(rows["group"].astype(np.int64)),
+        "teacher_embedding": tensor("embedding"),
+        "teacher_logits": tensor("logits"),
+        "teacher_attention": attention,
+    }
+
+
+def batch_from_rows(
+    rows: dict[str, np.ndarray], preprocess: Preprocessor, device: str | torch.device = "cpu"
+) -> Batch:
+    """Turn a batch of feature rows into a bird_core :class:`Batch` (the teacher never runs)."""
+    batch = Batch(**rows_as_tensors(rows)).to(device)  # type: ignore[arg-type]
     batch.x = preprocess(batch.x)
     return batch
 

@@ -68,10 +68,9 @@ from workers.checkpoints import publish_checkpoint
 from workers.features import (
     FeatureSet,
     batch_from_rows,
-    decode_image_column,
     decode_images_once,
-    dense,
     read_feature_split,
+    rows_as_tensors,
 )
 from workers.sinks import EpochRecord, MetricsSink, SinkCallback
 
@@ -358,29 +357,13 @@ def build_datasets(
 
 def _split_from_rows(rows: dict[str, np.ndarray]) -> tuple[Split, TeacherFeatures | None]:
     """Rows of the feature table as an in-memory bird_core split (+ the teacher's outputs)."""
-    if "pixels" in rows:
-        x = torch.from_numpy(np.ascontiguousarray(rows["pixels"]))
-    elif "image" in rows:
-        x = torch.from_numpy(decode_image_column(rows["image"]))
-    else:
-        x = torch.from_numpy(dense(rows["x"]))
-    label = rows["label"]
-    label_t = (
-        torch.from_numpy(np.stack(label).astype(np.float32))
-        if label.dtype == object
-        else torch.from_numpy(label.astype(np.int64))
-    )
-    split = Split(x, label_t, torch.from_numpy(rows["group"].astype(np.int64)))
-    if "embedding" not in rows:
+    t = rows_as_tensors(rows)
+    split = Split(t["x"], t["label"], t["group"])  # type: ignore[arg-type]
+    if t["teacher_embedding"] is None:
         return split, None
-    attention = None
-    if "attention" in rows:
-        flat = torch.from_numpy(dense(rows["attention"]))
-        side = round(flat.shape[1] ** 0.5)
-        attention = flat.view(-1, side, side)
-    logits = torch.from_numpy(dense(rows["logits"])) if "logits" in rows else None
-    embedding = torch.from_numpy(dense(rows["embedding"]))
-    return split, TeacherFeatures(embedding, logits, attention)
+    return split, TeacherFeatures(
+        t["teacher_embedding"], t["teacher_logits"], t["teacher_attention"]
+    )
 
 
 def _collect_rows(dataset: Any) -> dict[str, np.ndarray]:
@@ -427,6 +410,20 @@ class _StopPoller:
         return self.seen
 
 
+def build_student_and_method(plan: TrainPlan) -> tuple[Any, Any]:
+    """The student and the set-up method of ``plan``, seeded: every rank builds the same."""
+    seed_everything(plan.job.seed)
+    student = create_model(plan.job.student.model, plan.num_classes, **plan.student_options)
+    method = create_method(plan.job.method.name, **plan.method_options)
+    method.setup(
+        student_dim=student.embed_dim,
+        teacher_dim=plan.teacher_dim,
+        num_classes=plan.num_classes,
+        task=plan.task,  # type: ignore[arg-type]
+    )
+    return student, method
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One rank of a training run (called by Ray Train in each worker process)."""
     plan: TrainPlan = config["plan"]
@@ -437,15 +434,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_config = plan.train_config()
     torch.set_num_threads(max(1, int(config.get("torch_threads", 1))))
 
-    seed_everything(spec.seed)
-    student = create_model(spec.student.model, plan.num_classes, **plan.student_options)
-    method = create_method(spec.method.name, **plan.method_options)
-    method.setup(
-        student_dim=student.embed_dim,
-        teacher_dim=plan.teacher_dim,
-        num_classes=plan.num_classes,
-        task=plan.task,  # type: ignore[arg-type]
-    )
+    student, method = build_student_and_method(plan)
     method.check_student(student)
     preprocess = Preprocessor.from_config(plan.preprocessing)
 
