@@ -34,11 +34,11 @@ from service.storage import LocalStore, read_manifest
 from workers.converters import prepare_fashion_mnist_s
 from workers.features import (
     TeacherEmbedder,
-    _table_for_write,
     batch_from_rows,
     load_feature_table,
     precompute_features,
 )
+from workers.rows import table_for_write
 from workers.teachers import TeacherSource
 
 TEACHER = {"arch": "resnet18", "options": (("width", 32),)}
@@ -61,7 +61,7 @@ def plain_loop(
         table = pq.read_table(io.BytesIO(store.get_bytes(f"{prefix}/{name}")))
         for batch in table.to_batches(max_chunksize=batch_size):
             arrays = {c: batch.column(c).to_numpy(zero_copy_only=False) for c in batch.schema.names}
-            result = _table_for_write(embedder(arrays))
+            result = table_for_write(embedder(arrays))
             if writer is None:
                 writer = pq.ParquetWriter(out, result.schema)
             writer.write_table(result)

@@ -66,6 +66,7 @@ from workers.features import (
     load_feature_table,
     precompute_features,
 )
+from workers.ingest import ShardedIngest
 from workers.sinks import EpochRecord
 from workers.teachers import TeacherSource
 from workers.train import (
@@ -282,7 +283,10 @@ def breakdown(
     if method.needs_meta_batch:
         train_rows, _ = split_meta(data.train, method.options.meta_fraction, config.seed)  # type: ignore[attr-defined]
     batch_size = config.batch_size
-    shard = build_datasets(store, features, plan)["train"].streaming_split(1, equal=True)[0]
+    # The rank's shard exactly as the training run gets it (one rank: the whole dataset).
+    ingest = ShardedIngest(datasets_to_split=["train"])
+    train = build_datasets(store, features, plan)["train"]
+    shard = ingest.configure({"train": train}, 1, None, None)[0]["train"]
     ray_feed, plain_feed, ckpt = [], [], []
     for epoch in range(repeats + 1):  # the first pass warms up and is discarded
         started = time.perf_counter()

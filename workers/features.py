@@ -18,9 +18,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -29,7 +30,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 
 from bird_core.methods.base import Batch
 from bird_core.preprocess import Preprocessor
@@ -45,6 +45,12 @@ from service.storage import (
     fetch_verified,
     join_key,
     read_manifest,
+)
+from workers.rows import (
+    decode_image_column,
+    decode_stage,
+    dense,
+    table_for_write,
 )
 from workers.teachers import TeacherSource
 
@@ -102,12 +108,6 @@ def feature_key(
 # -- the Ray Data stage ------------------------------------------------------------------------
 
 
-def decode_image_column(images: np.ndarray) -> np.ndarray:
-    """Encoded PNG/JPEG bytes → uint8 ``[N, C, H, W]`` (RGB)."""
-    arrays = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in images]
-    return np.stack(arrays).transpose(0, 3, 1, 2).copy()
-
-
 class TeacherEmbedder:
     """Ray Data callable class: loads the teacher once per actor, then embeds batches."""
 
@@ -153,62 +153,31 @@ class TeacherEmbedder:
         return batch
 
 
-def dense(column: np.ndarray) -> np.ndarray:
-    """A column of equal-length float lists (an object array of arrays) as float32 ``[N, D]``."""
-    if column.dtype != object and column.ndim == 2:
-        return column.astype(np.float32, copy=False)
-    return np.stack(column).astype(np.float32)
+_PARQUET_READ_LOCK = threading.Lock()
 
 
-def decode_images_once(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Decode ``image`` into ``pixels`` (uint8 ``[N, C, H, W]``) and make the teacher's outputs
-    dense ``[N, D]`` arrays.
+def read_parquet_files(paths: list[str], filesystem: Any):  # noqa: ANN201
+    """``ray.data.read_parquet`` of ``paths`` through Ray Data's V1 Parquet datasource.
 
-    For datasets kept in memory across epochs: decoding PNGs and stacking list columns in every
-    batch of every epoch of every rank would otherwise cost as much as a small student's steps.
+    The V2 datasource (Ray Data's default) lists files through a pool of footer-reading actors
+    started for each read: seconds of actor start-up on every read of a dataset or feature set
+    that is a handful of files (V1 reads the footers in the calling process, in a fraction of a
+    second). The datasource is chosen when the read is created, so the context is switched for
+    this call only (under a lock: worker threads share the process's context).
     """
-    prepared = {k: v for k, v in batch.items() if k != "image"}
-    if "image" in batch:
-        prepared["pixels"] = decode_image_column(batch["image"])
-    for name in ("embedding", "logits", "attention", "x"):
-        if name in prepared:
-            prepared[name] = dense(prepared[name])
-    return prepared
+    import ray.data
 
-
-def decode_stage(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Ray Data task: decode images into a ``pixels`` column ahead of the teacher actor.
-
-    Decoding in stateless tasks overlaps it with the teacher's forward pass in the actor,
-    instead of the actor doing both in turn.
-    """
-    if "image" in batch:
-        batch = dict(batch)
-        batch["pixels"] = decode_image_column(batch["image"])
-    return batch
-
-
-def _table_for_write(batch: dict[str, np.ndarray]) -> pa.Table:
-    """A batch as an Arrow table with plain fixed-size float lists for the teacher outputs.
-
-    Returning Arrow (not numpy) keeps Ray Data from writing its own tensor extension type, so
-    the shards read back with plain pyarrow anywhere.
-    """
-    columns: dict[str, pa.Array] = {}
-    for name, values in batch.items():
-        if name in ("embedding", "logits", "attention"):
-            arr = np.ascontiguousarray(values, dtype=np.float32)
-            columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(arr.ravel()), arr.shape[1])
-        elif values.dtype == object:
-            columns[name] = pa.array(list(values))
-        else:
-            columns[name] = pa.array(values)
-    return pa.table(columns)
+    context = ray.data.DataContext.get_current()
+    with _PARQUET_READ_LOCK:
+        previous = context.use_datasource_v2
+        context.use_datasource_v2 = False
+        try:
+            return ray.data.read_parquet(paths, filesystem=filesystem)
+        finally:
+            context.use_datasource_v2 = previous
 
 
 def _read_dataset(store: ObjectStore, dataset_prefix: str, manifest: Manifest):
-    import ray.data
-
     filesystem, base = store.pyarrow_filesystem()
     parts = [
         f"{base}/{join_key(dataset_prefix, n)}"
@@ -217,7 +186,7 @@ def _read_dataset(store: ObjectStore, dataset_prefix: str, manifest: Manifest):
     ]
     if not parts:
         raise FeatureError(f"the dataset at {store.uri(dataset_prefix)} lists no Parquet parts")
-    return ray.data.read_parquet(parts, filesystem=filesystem)
+    return read_parquet_files(parts, filesystem)
 
 
 def _take_lock(store: ObjectStore, lock_key: str, run_id: str, stale_after_s: float) -> bool:
@@ -402,7 +371,7 @@ def _compute_and_publish(
         if probe_state is not None:
             batch = dict(batch)
             batch["logits"] = batch["embedding"] @ probe_state["weight"] + probe_state["bias"]
-        return _table_for_write(batch)
+        return table_for_write(batch)
 
     run_prefix = join_key(prefix, f"run-{run_id}")
     filesystem, base = store.pyarrow_filesystem()
@@ -460,16 +429,16 @@ def verify_features(store: ObjectStore, features: FeatureSet) -> None:
 # -- the training side -----------------------------------------------------------------------
 
 
-def read_feature_split(store: ObjectStore, features: FeatureSet, split: str):  # noqa: ANN201
-    """A Ray Data dataset of one split's rows (student input + teacher outputs + label + group)."""
-    import ray.data
-
-    filesystem, base = store.pyarrow_filesystem()
-    paths = [f"{base}/{shard}" for shard in features.shards]
+def read_feature_split(store: ObjectStore, features: FeatureSet, split: str | Sequence[str]):  # noqa: ANN201
+    """A Ray Data dataset of the rows of one split, or of several (student input + teacher
+    outputs + label + group + split)."""
     from ray.data.expressions import col
 
-    dataset = ray.data.read_parquet(paths, filesystem=filesystem)
-    return dataset.filter(expr=col("split") == split)
+    filesystem, base = store.pyarrow_filesystem()
+    dataset = read_parquet_files([f"{base}/{shard}" for shard in features.shards], filesystem)
+    if isinstance(split, str):
+        return dataset.filter(expr=col("split") == split)
+    return dataset.filter(expr=col("split").is_in(list(split)))
 
 
 def load_feature_table(store: ObjectStore, features: FeatureSet) -> pa.Table:
