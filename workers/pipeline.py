@@ -180,6 +180,11 @@ def run_job(
             run_name="train",
             sink=DatabaseSink(database_url, job_id),
         )
+        if outcome.stopped and outcome.last is not None:
+            # The stop's final checkpoint replaced `last` in the store; its record follows (the
+            # sink records the checkpoints of whole epochs only), or the record would describe
+            # the previous epoch's archive and downloads would fail their checksum.
+            _record_checkpoint(database_url, job_id, outcome.last)
         if outcome.stopped or control.cancel.is_set():
             result.cancelled = True
             return result
