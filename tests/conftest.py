@@ -1,13 +1,29 @@
-"""Small shared fixtures: tiny synthetic datasets that train in milliseconds."""
+"""Shared fixtures: tiny synthetic datasets that train in milliseconds, the session's Ray
+cluster, its S3 server and the dataset with teacher features the Ray tests share."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
 from bird_core.data.base import DatasetSplits, Split
+
+# Session fixtures shared by the integration and the e2e tests, registered here once (a
+# session fixture imported by two conftest files would run twice): the moto S3 server, and
+# the dataset with teacher features that the Ray tests train on.
+from tests.integration.train_fixtures import fm_features  # noqa: F401
+from tests.s3_fixtures import s3_server  # noqa: F401
 
 NUM_CLASSES = 3
 NUM_GROUPS = 2
@@ -89,89 +105,126 @@ def tiny_tabular_data() -> DatasetSplits:
     )
 
 
+class RayHead:
+    """A Ray cluster of one node with 2 CPUs, started as ``ray start --head`` in a process of
+    its own (the way a deployment starts one), so the worker processes of the tests join a
+    separate cluster as ``bird worker`` does in docker-compose."""
+
+    def __init__(self) -> None:
+        def free_port() -> int:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                return probe.getsockname()[1]
+
+        self.port, dashboard_port = free_port(), free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        env = {
+            **os.environ,
+            # Workers inherit the node's environment; keep them from touching real AWS.
+            "AWS_EC2_METADATA_DISABLED": "true",
+            # The Train controller polls its workers every 2 s by default; each Ray Train test
+            # run would spend seconds waiting on that poll alone.
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            # A throwaway cluster on loopback: no auth token to share with its drivers.
+            "RAY_AUTH_MODE": "disabled",
+            # Every Ray Train run starts a preemption-watcher actor (a process of its own) to
+            # react to spot-instance notices; a single local node gets none.
+            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+        }
+        self.log = Path(tempfile.mkdtemp(prefix="bird-ray-")) / "head.log"
+        ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+        self.process = subprocess.Popen(
+            [
+                ray_cli,
+                "start",
+                "--head",
+                "--block",
+                f"--port={self.port}",
+                "--num-cpus=2",
+                "--node-ip-address=127.0.0.1",
+                # Ray Train's placement-group cleaner asks the dashboard's State API; without
+                # it the placement groups of trials that ASHA stopped stay reserved.
+                "--include-dashboard=true",
+                f"--dashboard-port={dashboard_port}",
+                "--dashboard-host=127.0.0.1",
+                "--disable-usage-stats",
+            ],
+            env=env,
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def connect(self, timeout_s: float = 60) -> None:
+        """Join the cluster as a driver (waits for the head to come up)."""
+        import ray
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                ray.init(address=self.address, log_to_driver=False, configure_logging=False)
+                return
+            except (ConnectionError, RuntimeError) as error:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    pytest.fail(
+                        f"ray start --head failed ({error}): {self.log.read_text()[-2000:]}"
+                    )
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        """Stop the node: SIGTERM (``ray start --block`` stops its node on it), then SIGKILL."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        # A throwaway cluster: its graceful stop can take half a minute; don't wait for it.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=1)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # whatever of the node is left
+
+
+_RAY_HEAD = pytest.StashKey[RayHead]()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the Ray head in the background as soon as the session is known to need it, so its
+    start-up (seconds) overlaps the tests that run before the first Ray test."""
+    if any("ray_local" in getattr(item, "fixturenames", ()) for item in session.items):
+        session.config.stash[_RAY_HEAD] = RayHead()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Stop a head that was started but never used (e.g. the Ray tests were deselected)."""
+    head = config.stash.get(_RAY_HEAD, None)
+    if head is not None:
+        head.stop()
+
+
 @pytest.fixture(scope="session")
-def ray_local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A Ray cluster of one node with 2 CPUs, shared by every Ray test of the session; yields
-    its address.
+def ray_local(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The session's Ray cluster (one node, 2 CPUs), shared by every Ray test; yields its address.
 
-    Started the way a deployment starts one, ``ray start --head`` in a process of its own, so
-    the worker processes of the tests join a separate cluster as ``bird worker`` does in
-    docker-compose. This process joins it as a driver. Defined here, once: a session fixture
-    imported by two conftest files would start Ray twice.
+    Its head was started after collection (:func:`pytest_collection_finish`); this process joins
+    it as a driver. Defined here, once: a session fixture imported by two conftest files would
+    start Ray twice.
     """
-    import contextlib
-    import os
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import time
-
     import ray
 
-    def free_port() -> int:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            return probe.getsockname()[1]
-
-    port, dashboard_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        # Workers inherit the node's environment; keep them from touching real AWS.
-        "AWS_EC2_METADATA_DISABLED": "true",
-        # The Train controller polls its workers every 2 s by default; each Ray Train test run
-        # would spend seconds waiting on that poll alone.
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        # A throwaway cluster on loopback: no auth token to share with its drivers.
-        "RAY_AUTH_MODE": "disabled",
-    }
-    log = tmp_path_factory.mktemp("ray") / "head.log"
-    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
-    head = subprocess.Popen(
-        [
-            ray_cli,
-            "start",
-            "--head",
-            "--block",
-            f"--port={port}",
-            "--num-cpus=2",
-            "--node-ip-address=127.0.0.1",
-            "--include-dashboard=true",
-            f"--dashboard-port={dashboard_port}",
-            "--dashboard-host=127.0.0.1",
-            "--disable-usage-stats",
-        ],
-        env=env,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    address = f"127.0.0.1:{port}"
+    head = request.config.stash.get(_RAY_HEAD, None)
+    if head is None:  # collected without the fixture in sight (e.g. requested dynamically)
+        head = request.config.stash[_RAY_HEAD] = RayHead()
     # This process and the worker processes the tests start join without a token too.
     previous_auth_mode = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
-            break
-        except (ConnectionError, RuntimeError) as error:
-            if head.poll() is not None or time.monotonic() > deadline:
-                head.kill()
-                pytest.fail(f"ray start --head failed ({error}): {log.read_text()[-2000:]}")
-            time.sleep(0.5)
+    head.connect()
     try:
-        yield address
+        yield head.address
     finally:
         ray.shutdown()
         if previous_auth_mode is None:
             os.environ.pop("RAY_AUTH_MODE", None)
         else:
             os.environ["RAY_AUTH_MODE"] = previous_auth_mode
-        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its node on SIGTERM
-        # A throwaway cluster: its graceful stop can take half a minute; don't wait for it.
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            head.wait(timeout=5)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGKILL)  # whatever of the node is left
+        head.stop()
+        del request.config.stash[_RAY_HEAD]

@@ -28,7 +28,13 @@ from tests.integration.api_fixtures import (  # noqa: F401
     tiny_dataset,
     tiny_dataset_local,
 )
-from tests.integration.conftest import s3_server  # noqa: F401
+from tests.integration.train_fixtures import (
+    DATASET_PREFIX,
+    PROBE_EPOCHS,
+    TEACHER,
+    TrainData,
+    copy_dataset_and_features,
+)
 from workers.runner import Worker
 
 CHROMIUM = Path(os.environ.get("BIRD_CHROMIUM", "/usr/bin/chromium"))
@@ -91,15 +97,14 @@ def artifacts_dir() -> Path:
 
 # Jobs run by the real worker
 
-E2E_DATASET = "datasets/fm-e2e"
-E2E_SIZES = {"train_size": 400, "test_size": 100, "val_fraction": 0.005, "seed": 5}
+E2E_DATASET = DATASET_PREFIX
 
 
 def job_spec(**training: Any) -> dict[str, Any]:
     """A small BIRD job on the e2e dataset; ``training`` overrides training fields."""
     return {
         "dataset": {"uri": E2E_DATASET},
-        "teacher": {"image_size": 32, "probe_epochs": 3},
+        "teacher": {"image_size": TEACHER["image_size"], "probe_epochs": PROBE_EPOCHS},
         "student": {"model": "small_cnn", "options": {"width": 8, "embed_dim": 32}},
         "method": {"name": "bird"},
         "training": {"epochs": 2, "batch_size": 32, **training},
@@ -108,19 +113,23 @@ def job_spec(**training: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def e2e_dataset(_api_s3_server: Any, ray_local: str) -> Any:  # noqa: F811
-    """FashionMNIST-S (tiny) in the API's bucket; returns its bird_core splits."""
-    from workers.converters import prepare_fashion_mnist_s
-    from workers.datasets import load_splits
+def e2e_dataset(_api_s3_server: Any, fm_features: TrainData) -> Any:  # noqa: F811
+    """FashionMNIST-S (tiny) in the API's bucket; returns its bird_core splits.
 
-    prepare_fashion_mnist_s(_api_s3_server.store, E2E_DATASET, **E2E_SIZES)
-    return load_splits(_api_s3_server.store, E2E_DATASET)
+    The session's teacher features come along: the jobs' precompute stage finds them
+    published under the same content address and reuses them (the feature tests cover the
+    computation itself).
+    """
+    copy_dataset_and_features(fm_features, _api_s3_server.store)
+    return fm_features.splits
 
 
 @pytest.fixture
 def worker_thread(live_api: LiveAPI, ray_local: str) -> Iterator[Worker]:  # noqa: F811
     """A worker polling the API's database in a thread of this process."""
-    worker = Worker(live_api.settings, engine=live_api.engine, store=live_api.store, poll_s=0.2)
+    # Heartbeats every second: a cancel reaches the running job within a second.
+    settings = live_api.settings.model_copy(update={"heartbeat_s": 1})
+    worker = Worker(settings, engine=live_api.engine, store=live_api.store, poll_s=0.2)
     stop = threading.Event()
     thread = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
     thread.start()

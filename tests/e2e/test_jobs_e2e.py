@@ -1,8 +1,9 @@
 """Jobs end to end: real HTTP to the real app, real workers, local Ray, PostgreSQL, moto S3.
 
-The worker is ``workers.runner.Worker`` — in a thread of the test process for the cancellation,
-and as separate ``bird worker`` processes for the SIGKILL test (the processes join the test
-session's ``ray start --head`` cluster, as workers of a deployment join theirs). The happy path,
+The worker is ``workers.runner.Worker`` — in a thread of the test process for the cancellation
+and for resuming a job, and as a separate ``bird worker`` process for the one killed with
+SIGKILL (the process joins the test session's ``ray start --head`` cluster, as workers of a
+deployment join theirs). The happy path,
 from the dashboard's form to a loaded checkpoint, is ``test_dashboard_real_worker.py``.
 """
 
@@ -12,12 +13,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from bird_core.checkpoint import load_training_state
 from service.client import BirdClient
 from tests.e2e.conftest import job_spec
 from tests.integration.api_fixtures import LiveAPI
@@ -43,8 +46,15 @@ def _epochs(client: BirdClient, job_id: int) -> list[int]:
     )
 
 
+def _steps_of_first_epoch(client: BirdClient, job_id: int) -> int:
+    series = client.metrics(job_id)["series"]
+    steps = {p["step"] for p in series if p["epoch"] == 1 and p["trial"] is None and p["step"]}
+    assert len(steps) == 1, steps
+    return steps.pop()
+
+
 def test_cancelling_a_running_job_stops_it_with_a_final_checkpoint(
-    live_api: LiveAPI, e2e_dataset: Any, worker_thread: Worker
+    live_api: LiveAPI, e2e_dataset: Any, worker_thread: Worker, tmp_path: Path
 ) -> None:
     client = BirdClient(live_api.base_url, live_api.api_key)
     # Long enough that it is still training when the cancel arrives.
@@ -59,10 +69,16 @@ def test_cancelling_a_running_job_stops_it_with_a_final_checkpoint(
 
     job = _wait(client, job_id, {"cancelled", "succeeded", "failed"}, timeout_s=60)
     assert job["state"] == "cancelled", job
-    assert len(_epochs(client, job_id)) < 30
-    # The training loop wrote a final checkpoint when it stopped.
+    epochs = _epochs(client, job_id)
+    assert 1 <= len(epochs) < 30
+    # The training loop stopped between two steps of the next epoch and wrote a final
+    # checkpoint there: more steps than the reported epochs hold, fewer than one more epoch.
     names = {c["name"] for c in client.checkpoints(job_id)}
     assert "last" in names
+    steps_per_epoch = _steps_of_first_epoch(client, job_id)
+    final = load_training_state(client.download_checkpoint(job_id, "last", tmp_path))["meta"]
+    assert final["epoch"] == len(epochs)
+    assert len(epochs) * steps_per_epoch <= final["step"] < (len(epochs) + 1) * steps_per_epoch
     transitions = [e["transition"] for e in client.events(job_id)]
     assert transitions[-1] in ("finish_cancelled", "cancel", "finish"), transitions
 
@@ -90,39 +106,57 @@ def _worker_process(live_api: LiveAPI, ray_address: str, log: Path) -> subproces
     )
 
 
+def _claimed_by(client: BirdClient, job_id: int, attempt: int) -> int:
+    """The pid of the worker that runs ``attempt`` (from its log line "attempt N on host:pid:…")."""
+    prefix = f"attempt {attempt} on "
+    for line in client.logs(job_id)["items"]:
+        if line["message"].startswith(prefix):
+            return int(line["message"][len(prefix) :].split(":")[1])
+    raise AssertionError(f"no log line {prefix!r}: {client.logs(job_id)['items']}")
+
+
 def test_a_worker_killed_mid_job_loses_its_lease_and_another_resumes_the_job(
     live_api: LiveAPI, e2e_dataset: Any, ray_local: str, tmp_path: Path
 ) -> None:
-    """Two `bird worker` processes, each joining the `ray start --head` cluster on its own."""
+    """A `bird worker` process (joining the `ray start --head` cluster on its own) claims the
+    job and is killed with SIGKILL after its first epoch; a second worker, started once the
+    first holds the job, reaps the expired lease and resumes the job from its checkpoint."""
     client = BirdClient(live_api.base_url, live_api.api_key)
     job_id = client.submit(job_spec(epochs=3, batch_size=8))["id"]
-    first = _worker_process(live_api, ray_local, tmp_path / "first.log")
+    first_log = tmp_path / "first.log"
+    first = _worker_process(live_api, ray_local, first_log)
+    stop_second = threading.Event()
+    second_thread: threading.Thread | None = None
     try:
         deadline = time.monotonic() + 240
         while not _epochs(client, job_id):
-            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert first.poll() is None, first_log.read_text()[-3000:]
             assert time.monotonic() < deadline, client.get_job(job_id)
             time.sleep(0.2)
+        assert _claimed_by(client, job_id, 1) == first.pid
+        # The second worker runs in this process (it has torch and Ray loaded already) with
+        # the same short lease; it waits for the first one's lease to expire.
+        settings = live_api.settings.model_copy(update={"lease_s": 5, "heartbeat_s": 1})
+        second = Worker(settings, engine=live_api.engine, store=live_api.store, poll_s=0.2)
+        second_thread = threading.Thread(
+            target=second.run_forever, args=(stop_second,), daemon=True
+        )
+        second_thread.start()
         os.killpg(first.pid, signal.SIGKILL)  # the worker and anything it started
         first.wait(timeout=30)
         killed_at_epochs = _epochs(client, job_id)
         assert 1 <= len(killed_at_epochs) < 3
+        job = _wait(client, job_id, {"succeeded", "failed", "cancelled"}, timeout_s=300)
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
-
-    second = _worker_process(live_api, ray_local, tmp_path / "second.log")
-    try:
-        job = _wait(client, job_id, {"succeeded", "failed", "cancelled"}, timeout_s=300)
-    finally:
-        second.send_signal(signal.SIGTERM)
-        try:
-            second.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(second.pid, signal.SIGKILL)
-    log = (tmp_path / "second.log").read_text()[-3000:]
+        stop_second.set()
+        if second_thread is not None:
+            second_thread.join(timeout=120)
+    log = [line["message"] for line in client.logs(job_id)["items"]][-20:]
     assert job["state"] == "succeeded", (job, log)
     assert job["attempts"] == 2
+    assert _claimed_by(client, job_id, 2) == os.getpid()
     # Every epoch once, and the second attempt restored the first one's last checkpoint
     # instead of starting over.
     assert _epochs(client, job_id) == [1, 2, 3]

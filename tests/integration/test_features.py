@@ -12,7 +12,15 @@ import torch
 
 from bird_core.data import load_fashion_mnist_s
 from bird_core.preprocess import Preprocessor
-from service.storage import ChecksumMismatchError, ObjectStore, S3Store, join_key
+from service.storage import ChecksumMismatchError, ObjectStore, join_key
+from tests.integration.train_fixtures import (
+    DATASET_PREFIX,
+    PROBE_EPOCHS,
+    TrainData,
+    copy_dataset_and_features,
+)
+from tests.integration.train_fixtures import SIZES as TRAIN_SIZES
+from tests.integration.train_fixtures import TEACHER as TRAIN_TEACHER
 from workers import features as features_module
 from workers.converters import prepare_fashion_mnist_s
 from workers.datasets import load_splits
@@ -27,6 +35,7 @@ from workers.features import (
 )
 from workers.teachers import TeacherSource
 
+# A smaller set for the tests that compute features themselves.
 SIZES = {"train_size": 120, "test_size": 20, "val_fraction": 0.005, "seed": 3}
 TEACHER = TeacherSource(kind="efficientnet_lite0_probe", num_classes=10, image_size=32)
 
@@ -48,14 +57,15 @@ def _precompute(store: ObjectStore, preprocessing: dict, **kwargs):
     )
 
 
-def test_efficientnet_features_in_s3_match_the_source_rows(ray_local, s3_store: S3Store):
-    preprocessing = _prepare(s3_store)
-    feats = _precompute(s3_store, preprocessing)
+def test_efficientnet_features_in_s3_match_the_source_rows(fm_features: TrainData):
+    # The session's features, computed once with Ray Data into the S3 endpoint (fm_features).
+    s3_store, feats = fm_features.store, fm_features.features
+    preprocessing = fm_features.splits.preprocessing
 
     verify_features(s3_store, feats)  # every shard's sha256 against the manifest
     assert s3_store.exists(join_key(feats.prefix, "manifest.json"))
     table = load_feature_table(s3_store, feats).sort_by("id")
-    source = load_fashion_mnist_s(**SIZES)
+    source = load_fashion_mnist_s(**TRAIN_SIZES)
     expected_label = np.concatenate([source.train.label, source.val.label, source.test.label])
     expected_group = np.concatenate([source.train.group, source.val.group, source.test.group])
     assert table.num_rows == len(expected_label)
@@ -82,34 +92,54 @@ def test_efficientnet_features_in_s3_match_the_source_rows(ray_local, s3_store: 
 
 
 def test_second_request_reuses_shards_without_running_the_teacher(
-    ray_local, s3_store: S3Store, monkeypatch: pytest.MonkeyPatch
+    fm_features: TrainData, monkeypatch: pytest.MonkeyPatch
 ):
-    preprocessing = _prepare(s3_store)
-    first = _precompute(s3_store, preprocessing)
+    first = fm_features.features
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher ran although the features were cached")
 
     monkeypatch.setattr(features_module, "_compute_and_publish", no_teacher)
     monkeypatch.setattr(features_module.TeacherEmbedder, "__call__", no_teacher)
-    second = _precompute(s3_store, preprocessing)
+    second = precompute_features(
+        fm_features.store,
+        DATASET_PREFIX,
+        TeacherSource(**TRAIN_TEACHER),
+        dataset_preprocessing=fm_features.splits.preprocessing,
+        batch_size=64,
+        probe_epochs=PROBE_EPOCHS,
+    )
     assert second.key == first.key and second.manifest == first.manifest
 
 
-def test_corrupt_shard_is_reported_with_its_uri_or_recomputed(ray_local, local_store):
-    preprocessing = _prepare(local_store)
-    feats = _precompute(local_store, preprocessing)
+def test_corrupt_shard_is_reported_with_its_uri_or_recomputed(
+    ray_local, fm_features: TrainData, local_store
+):
+    copy_dataset_and_features(fm_features, local_store)
+    feats = fm_features.features
     shard = feats.shards[0]
     data = bytearray(local_store.get_bytes(shard))
     data[len(data) // 2] ^= 0xFF
     local_store.put_bytes(shard, bytes(data))
 
+    def request(**kwargs):
+        return precompute_features(
+            local_store,
+            DATASET_PREFIX,
+            TeacherSource(**TRAIN_TEACHER),
+            dataset_preprocessing=fm_features.splits.preprocessing,
+            batch_size=128,
+            probe_epochs=PROBE_EPOCHS,
+            **kwargs,
+        )
+
     with pytest.raises(ChecksumMismatchError) as info:
-        _precompute(local_store, preprocessing)
+        request()
     assert local_store.uri(shard) in str(info.value)
 
-    repaired = _precompute(local_store, preprocessing, recompute_corrupt=True)
+    repaired = request(recompute_corrupt=True)
     verify_features(local_store, repaired)
+    assert repaired.key == feats.key
     assert repaired.shards != feats.shards  # a new run's shards, under its own prefix
 
 

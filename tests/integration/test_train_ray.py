@@ -3,17 +3,19 @@
 Every run here is real: a local Ray with 2 CPUs (shared by the session), TorchTrainer workers in
 their own processes, Ray storage and published checkpoints on the S3 HTTP endpoint. Workers
 reserve half a CPU each so that Ray Data's read tasks still find a CPU while two ranks train.
+
+The cooperative stop and the resume of a run by a new worker process go through the same
+``run_training`` in the job pipeline and are tested there, end to end, on one run each
+(``tests/e2e/test_jobs_e2e.py``: a cancelled job's final checkpoint lands between two steps; a
+job whose worker was killed continues from its last checkpoint).
 """
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-import ray
 
 from bird_core.checkpoint import load_student, load_training_state
 from bird_core.train import evaluate
@@ -27,7 +29,6 @@ from workers.train import (
     build_datasets,
     plan_training,
     run_training,
-    stop_flag,
 )
 
 # 2 ranks × batch B against 1 rank × batch 2B: the same number of samples per step and the same
@@ -139,54 +140,3 @@ def test_a_killed_rank_restores_from_the_last_checkpoint_and_finishes(
     assert all(r.rank_param_max_diff == 0.0 for r in records)
     # Same seed as the uninterrupted run: the final metrics agree within the stated tolerance.
     assert abs(records[-1].val["auroc"] - uninterrupted[-1].val["auroc"]) <= AUROC_TOLERANCE
-
-
-def test_a_stop_request_ends_training_with_a_final_checkpoint_and_a_rerun_resumes(
-    train_data_local: Any,
-) -> None:
-    train_data = train_data_local
-    base = "jobs/stop"
-    # Small batches: an epoch is long enough (90 steps) for the stop to land inside epoch 2.
-    spec = train_data.spec(training={"epochs": 3, "batch_size": 4})
-    flag_name = "stop-test"
-    plan = _plan(train_data, spec, base, stop_flag=flag_name)
-    flag = stop_flag(flag_name)
-    sink = ActorSink()
-
-    def stop_after_first_epoch() -> None:
-        # Rank 0 publishes `last` at the end of each epoch, before its report reaches the sink.
-        last = join_key(base, "checkpoints", "last.tar")
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not train_data.store.exists(last):
-            time.sleep(0.01)
-        ray.get(flag.set.remote())
-
-    watcher = threading.Thread(target=stop_after_first_epoch, daemon=True)
-    watcher.start()
-    outcome = _run(train_data, plan, base, sink)
-    watcher.join(timeout=5)
-    ray.kill(flag)
-
-    assert outcome.stopped
-    assert [r.epoch for r in sink.records()] == [1]
-    steps_per_epoch = sink.records()[0].step
-    final = load_training_state_from_store(train_data, base)
-    # The final checkpoint was written mid-way through epoch 2: more steps than epoch 1 had,
-    # fewer than two full epochs.
-    assert final["meta"]["epoch"] == 1
-    assert steps_per_epoch <= final["meta"]["step"] < 2 * steps_per_epoch
-
-    # Running the same job again (same storage path and run name) continues from there.
-    resumed = _plan(train_data, spec, base)
-    outcome = _run(train_data, resumed, base, sink)
-    assert not outcome.stopped
-    assert [r.epoch for r in sink.records()] == [1, 2, 3]
-
-
-def load_training_state_from_store(data: Any, base: str) -> dict[str, Any]:
-    """The published ``last`` checkpoint's training state."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as directory:
-        local = download_checkpoint(data.store, join_key(base, "checkpoints"), "last", directory)
-        return load_training_state(local)

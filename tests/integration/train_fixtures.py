@@ -1,7 +1,8 @@
 """A tiny FashionMNIST-S with EfficientNet teacher features in the moto S3 endpoint.
 
-Module-scoped, because precomputing features costs seconds and the Ray Train tests of a module
-all train on the same data. Imported by ``tests/integration/conftest.py``.
+Computed once per session (``fm_features``, registered by ``tests/conftest.py``): precomputing
+features costs a Ray Data run, and the Ray tests of every module train on the same data.
+``train_data``/``train_data_local`` are imported by ``tests/integration/conftest.py``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from botocore.config import Config
 from service.datasets import DatasetMeta
 from service.settings import Settings
 from service.spec import JobSpec
-from service.storage import LocalStore, S3Store
+from service.storage import LocalStore, ObjectStore, S3Store
 from workers.features import FeatureSet
 
 DATASET_PREFIX = "datasets/fm"
@@ -52,16 +53,35 @@ class TrainData:
         return JobSpec.model_validate(base)
 
 
-@pytest.fixture(scope="module")
-def train_data(s3_server: str, ray_local: str) -> Iterator[TrainData]:
-    """The dataset and its teacher features, in a bucket of their own."""
+# The teacher of every job in the tests; the pipeline asks for the same (the spec's defaults,
+# image size 32, 3 probe epochs, seed 0), so a job finds these features already published.
+TEACHER = {"kind": "efficientnet_lite0_probe", "num_classes": 10, "image_size": 32}
+PROBE_EPOCHS = 3
+
+
+def copy_dataset_and_features(source: TrainData, target: ObjectStore) -> None:
+    """Copy the dataset and its published features (manifests last) into ``target``."""
+    for prefix in (DATASET_PREFIX, source.features.prefix):
+        infos = sorted(source.store.list(prefix), key=lambda i: i.key.endswith("manifest.json"))
+        for info in infos:
+            target.put_bytes(info.key, source.store.get_bytes(info.key))
+
+
+@pytest.fixture(scope="session")
+def fm_features(s3_server: str, ray_local: str) -> Iterator[TrainData]:
+    """FashionMNIST-S (small) and its teacher features in a bucket of their own, for the session.
+
+    Precomputing features costs a Ray Data run with the teacher; the Ray tests share this one.
+    Training tests read from it (each run under its own prefix); e2e tests copy it into the
+    API's bucket; the feature tests check it against the source rows.
+    """
     from service.datasets import read_dataset_meta
     from workers.converters import prepare_fashion_mnist_s
     from workers.datasets import load_splits
     from workers.features import precompute_features
     from workers.teachers import TeacherSource
 
-    bucket = f"bird-train-{uuid.uuid4().hex[:12]}"
+    bucket = f"bird-fm-{uuid.uuid4().hex[:12]}"
     keys = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
     client = boto3.client(
         "s3",
@@ -91,10 +111,10 @@ def train_data(s3_server: str, ray_local: str) -> Iterator[TrainData]:
     features = precompute_features(
         store,
         DATASET_PREFIX,
-        TeacherSource(kind="efficientnet_lite0_probe", num_classes=10, image_size=32),
+        TeacherSource(**TEACHER),
         dataset_preprocessing=splits.preprocessing,
         batch_size=128,
-        probe_epochs=3,
+        probe_epochs=PROBE_EPOCHS,
     )
     meta = read_dataset_meta(store, DATASET_PREFIX)
     yield TrainData(store, f"s3://{bucket}/bird", settings, features, meta, splits)
@@ -106,6 +126,12 @@ def train_data(s3_server: str, ray_local: str) -> Iterator[TrainData]:
 
 
 @pytest.fixture(scope="module")
+def train_data(fm_features: TrainData) -> TrainData:
+    """The session's dataset and features on S3; each test's runs write under their own prefix."""
+    return fm_features
+
+
+@pytest.fixture(scope="module")
 def train_data_local(train_data: TrainData, tmp_path_factory: pytest.TempPathFactory) -> TrainData:
     """The same dataset and features copied into a local-directory store.
 
@@ -114,9 +140,7 @@ def train_data_local(train_data: TrainData, tmp_path_factory: pytest.TempPathFac
     """
     root = tmp_path_factory.mktemp("train-local")
     store = LocalStore(root)
-    for prefix in (DATASET_PREFIX, train_data.features.prefix):
-        for info in train_data.store.list(prefix):
-            store.put_bytes(info.key, train_data.store.get_bytes(info.key))
+    copy_dataset_and_features(train_data, store)
     return TrainData(
         store,
         str(root),
