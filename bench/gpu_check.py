@@ -160,6 +160,9 @@ def main() -> None:
         args.out.write_text(json.dumps(result, indent=2))
         print(f"device: {result['device']}; wrote {args.out}")
     if distributed:
+        # Every rank past its last write before the process group goes (a rank tearing gloo
+        # down while another still runs can abort at exit).
+        dist.barrier()
         dist.destroy_process_group()
 
 
