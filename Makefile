@@ -50,7 +50,7 @@ experiment-quick:
 
 test: install-dev
 	./scripts/ensure-postgres.sh
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=20
 
 lint:
 	$(PYTHON) -m ruff check .
