@@ -436,9 +436,8 @@ def read_feature_split(store: ObjectStore, features: FeatureSet, split: str | Se
 
     filesystem, base = store.pyarrow_filesystem()
     dataset = read_parquet_files([f"{base}/{shard}" for shard in features.shards], filesystem)
-    if isinstance(split, str):
-        return dataset.filter(expr=col("split") == split)
-    return dataset.filter(expr=col("split").is_in(list(split)))
+    splits = [split] if isinstance(split, str) else list(split)
+    return dataset.filter(expr=col("split").is_in(splits))
 
 
 def load_feature_table(store: ObjectStore, features: FeatureSet) -> pa.Table:

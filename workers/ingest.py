@@ -20,7 +20,7 @@ class ShardedIngest(DataConfig):
     dataset already held in Ray's object store (:func:`workers.train.build_datasets`), one
     equal split is enough: each rank reads its own shard through ``get_dataset_shard`` every
     epoch (shuffled locally), without that actor. Datasets that are still lazy keep Ray's
-    streaming split, as do datasets not named in ``datasets_to_split``.
+    streaming split; datasets not named in ``datasets_to_split`` are read whole by every rank.
     """
 
     def configure(

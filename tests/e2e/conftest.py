@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -124,15 +125,32 @@ def e2e_dataset(_api_s3_server: Any, fm_features: TrainData) -> Any:  # noqa: F8
     return fm_features.splits
 
 
-@pytest.fixture
-def worker_thread(live_api: LiveAPI, ray_local: str) -> Iterator[Worker]:  # noqa: F811
-    """A worker polling the API's database in a thread of this process."""
-    # Heartbeats every second: a cancel reaches the running job within a second.
-    settings = live_api.settings.model_copy(update={"heartbeat_s": 1})
-    worker = Worker(settings, engine=live_api.engine, store=live_api.store, poll_s=0.2)
+@contextmanager
+def running_worker(api: LiveAPI, **settings: Any) -> Iterator[Worker]:
+    """A worker polling the API's database in a thread of this process until the block ends.
+
+    Heartbeats every second (a cancel reaches the running job within a second); ``settings``
+    override further fields of the API's settings.
+    """
+    overrides = {"heartbeat_s": 1, **settings}
+    worker = Worker(
+        api.settings.model_copy(update=overrides),
+        engine=api.engine,
+        store=api.store,
+        poll_s=0.2,
+    )
     stop = threading.Event()
     thread = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
     thread.start()
-    yield worker
-    stop.set()
-    thread.join(timeout=120)
+    try:
+        yield worker
+    finally:
+        stop.set()
+        thread.join(timeout=120)
+
+
+@pytest.fixture
+def worker_thread(live_api: LiveAPI, ray_local: str) -> Iterator[Worker]:  # noqa: F811
+    """A worker polling the API's database in a thread of this process."""
+    with running_worker(live_api) as worker:
+        yield worker

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import httpx
 
 from bird_core.checkpoint import load_training_state
 from service.client import BirdClient
-from tests.e2e.conftest import job_spec
+from tests.e2e.conftest import job_spec, running_worker
 from tests.integration.api_fixtures import LiveAPI
 from workers.runner import Worker
 
@@ -125,8 +124,6 @@ def test_a_worker_killed_mid_job_loses_its_lease_and_another_resumes_the_job(
     job_id = client.submit(job_spec(epochs=3, batch_size=8))["id"]
     first_log = tmp_path / "first.log"
     first = _worker_process(live_api, ray_local, first_log)
-    stop_second = threading.Event()
-    second_thread: threading.Thread | None = None
     try:
         deadline = time.monotonic() + 240
         while not _epochs(client, job_id):
@@ -136,23 +133,15 @@ def test_a_worker_killed_mid_job_loses_its_lease_and_another_resumes_the_job(
         assert _claimed_by(client, job_id, 1) == first.pid
         # The second worker runs in this process (it has torch and Ray loaded already) with
         # the same short lease; it waits for the first one's lease to expire.
-        settings = live_api.settings.model_copy(update={"lease_s": 5, "heartbeat_s": 1})
-        second = Worker(settings, engine=live_api.engine, store=live_api.store, poll_s=0.2)
-        second_thread = threading.Thread(
-            target=second.run_forever, args=(stop_second,), daemon=True
-        )
-        second_thread.start()
-        os.killpg(first.pid, signal.SIGKILL)  # the worker and anything it started
-        first.wait(timeout=30)
-        killed_at_epochs = _epochs(client, job_id)
-        assert 1 <= len(killed_at_epochs) < 3
-        job = _wait(client, job_id, {"succeeded", "failed", "cancelled"}, timeout_s=300)
+        with running_worker(live_api, lease_s=5):
+            os.killpg(first.pid, signal.SIGKILL)  # the worker and anything it started
+            first.wait(timeout=30)
+            killed_at_epochs = _epochs(client, job_id)
+            assert 1 <= len(killed_at_epochs) < 3
+            job = _wait(client, job_id, {"succeeded", "failed", "cancelled"}, timeout_s=300)
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
-        stop_second.set()
-        if second_thread is not None:
-            second_thread.join(timeout=120)
     log = [line["message"] for line in client.logs(job_id)["items"]][-20:]
     assert job["state"] == "succeeded", (job, log)
     assert job["attempts"] == 2

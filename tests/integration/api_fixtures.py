@@ -165,7 +165,8 @@ def _pg_schema() -> Iterator[str]:
 
 
 @contextmanager
-def _bucket(endpoint: str) -> Iterator[str]:
+def _bucket(endpoint: str, name_prefix: str = "bird-api") -> Iterator[str]:
+    """A fresh bucket on the moto server; emptied and deleted afterwards."""
     client = boto3.client(
         "s3",
         endpoint_url=endpoint,
@@ -174,7 +175,7 @@ def _bucket(endpoint: str) -> Iterator[str]:
         aws_secret_access_key=S3_SECRET,
         config=Config(s3={"addressing_style": "path"}),
     )
-    name = f"bird-api-{uuid.uuid4().hex[:16]}"
+    name = f"{name_prefix}-{uuid.uuid4().hex[:16]}"
     client.create_bucket(Bucket=name)
     try:
         yield name

@@ -8,19 +8,17 @@ features costs a Ray Data run, and the Ray tests of every module train on the sa
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import boto3
 import pytest
-from botocore.config import Config
 
 from service.datasets import DatasetMeta
 from service.settings import Settings
 from service.spec import JobSpec
-from service.storage import LocalStore, ObjectStore, S3Store
+from service.storage import LocalStore, ObjectStore, store_from_settings
+from tests.integration.api_fixtures import S3_KEY_ID, S3_REGION, S3_SECRET, _bucket
 from workers.features import FeatureSet
 
 DATASET_PREFIX = "datasets/fm"
@@ -32,7 +30,7 @@ SIZES = {"train_size": 400, "test_size": 100, "val_fraction": 0.005, "seed": 3}
 class TrainData:
     """Everything a training test needs: the store, its settings and the published features."""
 
-    store: S3Store
+    store: ObjectStore
     store_url: str
     settings: Settings
     features: FeatureSet
@@ -81,48 +79,28 @@ def fm_features(s3_server: str, ray_local: str) -> Iterator[TrainData]:
     from workers.features import precompute_features
     from workers.teachers import TeacherSource
 
-    bucket = f"bird-fm-{uuid.uuid4().hex[:12]}"
-    keys = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_server,
-        region_name="us-east-1",
-        config=Config(s3={"addressing_style": "path"}),
-        **keys,
-    )
-    client.create_bucket(Bucket=bucket)
-    settings = Settings(
-        s3_endpoint_url=s3_server,
-        s3_access_key_id=keys["aws_access_key_id"],
-        s3_secret_access_key=keys["aws_secret_access_key"],
-        store_url=f"s3://{bucket}/bird",
-    )
-    store = S3Store(
-        bucket=bucket,
-        prefix="bird",
-        endpoint_url=s3_server,
-        region="us-east-1",
-        access_key_id="testing",
-        secret_access_key="testing",
-    )
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-    prepare_fashion_mnist_s(store, DATASET_PREFIX, **SIZES)
-    splits = load_splits(store, DATASET_PREFIX)
-    features = precompute_features(
-        store,
-        DATASET_PREFIX,
-        TeacherSource(**TEACHER),
-        dataset_preprocessing=splits.preprocessing,
-        batch_size=128,
-        probe_epochs=PROBE_EPOCHS,
-    )
-    meta = read_dataset_meta(store, DATASET_PREFIX)
-    yield TrainData(store, f"s3://{bucket}/bird", settings, features, meta, splits)
-    paginator = client.get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=bucket):
-        for item in page.get("Contents", []):
-            client.delete_object(Bucket=bucket, Key=item["Key"])
-    client.delete_bucket(Bucket=bucket)
+    with _bucket(s3_server, "bird-fm") as bucket:
+        settings = Settings(
+            s3_endpoint_url=s3_server,
+            s3_access_key_id=S3_KEY_ID,
+            s3_secret_access_key=S3_SECRET,
+            s3_region=S3_REGION,
+            store_url=f"s3://{bucket}/bird",
+        )
+        store = store_from_settings(settings)
+        prepare_fashion_mnist_s(store, DATASET_PREFIX, **SIZES)
+        splits = load_splits(store, DATASET_PREFIX)
+        features = precompute_features(
+            store,
+            DATASET_PREFIX,
+            TeacherSource(**TEACHER),
+            dataset_preprocessing=splits.preprocessing,
+            batch_size=128,
+            probe_epochs=PROBE_EPOCHS,
+        )
+        meta = read_dataset_meta(store, DATASET_PREFIX)
+        yield TrainData(store, settings.resolved_store_url, settings, features, meta, splits)
 
 
 @pytest.fixture(scope="module")
