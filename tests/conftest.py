@@ -187,6 +187,40 @@ class RayHead:
 _RAY_HEAD = pytest.StashKey[RayHead]()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that runs on the session's Ray cluster (directly or through another
+    fixture) as ``ray``: ``pytest -m ray`` runs exactly the Ray tests."""
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
+class RayTestTime:
+    """Adds up the time of the ``ray`` tests (setup, call and teardown: the cluster and the
+    shared feature precompute are paid in the first one's setup) and prints the total at the end
+    of the session, so the Ray tests' share of CI time is in every test log."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if "ray" in report.keywords:
+            self.seconds[report.nodeid] = self.seconds.get(report.nodeid, 0.0) + report.duration
+
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        if self.seconds:
+            total = sum(self.seconds.values())
+            terminalreporter.write_line(
+                f"Ray tests: {len(self.seconds)} tests, {total:.1f} s "
+                f"({total / 60:.2f} min) of setup, call and teardown"
+            )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the Ray test-time summary."""
+    config.pluginmanager.register(RayTestTime(), "bird-ray-test-time")
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Start the Ray head in the background as soon as the session is known to need it, so its
     start-up (seconds) overlaps the tests that run before the first Ray test."""
