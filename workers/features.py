@@ -189,24 +189,69 @@ def _read_dataset(store: ObjectStore, dataset_prefix: str, manifest: Manifest):
     return read_parquet_files(parts, filesystem)
 
 
-def _take_lock(store: ObjectStore, lock_key: str, run_id: str, stale_after_s: float) -> bool:
-    """Try to become the one run computing this key; break a lock older than ``stale_after_s``.
+class FeatureLock:
+    """The marker that makes one run the one computing a feature key, renewed while it computes.
 
-    A crashed run leaves its lock behind; after ``stale_after_s`` another run may take over
-    (its shards go under its own run prefix, so even a slow original cannot corrupt the set).
+    The marker names its run and when it was last renewed. While held, a daemon thread rewrites
+    it every ``stale_after_s / 4`` seconds, so a marker not renewed for ``stale_after_s`` belongs
+    to a run that died (a worker killed with SIGKILL, a lost node): another run breaks it at once
+    instead of waiting out a fixed time far longer than any precompute. Even if two runs ever
+    compute together, each writes under its own run prefix and publishes a complete manifest.
     """
-    payload = json.dumps({"run": run_id, "at": time.time()}).encode()
-    if store.put_if_absent(lock_key, payload):
-        return True
-    try:
-        held = json.loads(store.get_bytes(lock_key))
-        age = time.time() - float(held.get("at", 0))
-    except (StorageError, ValueError):
-        age = float("inf")
-    if age > stale_after_s:
-        store.delete(lock_key)
-        return store.put_if_absent(lock_key, payload)
-    return False
+
+    def __init__(
+        self, store: ObjectStore, key: str, run_id: str, *, stale_after_s: float = 60
+    ) -> None:
+        self.store = store
+        self.key = key
+        self.run_id = run_id
+        self.stale_after_s = stale_after_s
+        self._released = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def _payload(self) -> bytes:
+        return json.dumps({"run": self.run_id, "at": time.time()}).encode()
+
+    def _holder(self) -> tuple[str | None, float]:
+        """(run, seconds since its last renewal) of the marker; an unreadable one is stale."""
+        try:
+            held = json.loads(self.store.get_bytes(self.key))
+            return held.get("run"), time.time() - float(held.get("at", 0))
+        except (StorageError, ValueError, TypeError, AttributeError):
+            return None, float("inf")
+
+    def acquire(self) -> bool:
+        """Take the marker if it is free or stale; True if this run now holds it (and renews it)."""
+        taken = self.store.put_if_absent(self.key, self._payload())
+        if not taken:
+            _, age = self._holder()
+            if age <= self.stale_after_s:
+                return False
+            self.store.delete(self.key)
+            taken = self.store.put_if_absent(self.key, self._payload())
+        if taken:
+            self._renewer = threading.Thread(
+                target=self._renew, name=f"feature-lock-{self.run_id}", daemon=True
+            )
+            self._renewer.start()
+        return taken
+
+    def _renew(self) -> None:
+        while not self._released.wait(self.stale_after_s / 4):
+            try:
+                if self._holder()[0] != self.run_id:
+                    return  # broken by another run after renewals failed: not ours any more
+                self.store.put_bytes(self.key, self._payload())
+            except StorageError:
+                continue  # a transient store error; the next renewal tries again
+
+    def release(self) -> None:
+        """Stop renewing and remove the marker, unless another run has taken it over since."""
+        self._released.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        if self._holder()[0] == self.run_id:
+            self.store.delete(self.key)
 
 
 def find_features(store: ObjectStore, key: str) -> FeatureSet | None:
@@ -233,7 +278,7 @@ def precompute_features(
     probe_epochs: int = 30,
     seed: int = 0,
     wait_timeout_s: float = 3600,
-    lock_stale_after_s: float = 900,
+    lock_stale_after_s: float = 60,
     recompute_corrupt: bool = False,
     on_progress: Callable[[str], None] | None = None,
 ) -> FeatureSet:
@@ -250,9 +295,9 @@ def precompute_features(
         {"attention_size": attention_size, "probe_epochs": probe_epochs, "seed": seed},
     )
     prefix = join_key(FEATURES_PREFIX, key)
-    lock_key = join_key(prefix, LOCK_NAME)
     deadline = time.monotonic() + wait_timeout_s
     run_id = uuid.uuid4().hex[:12]
+    lock = FeatureLock(store, join_key(prefix, LOCK_NAME), run_id, stale_after_s=lock_stale_after_s)
     while True:
         existing = find_features(store, key)
         if existing is not None:
@@ -263,7 +308,7 @@ def precompute_features(
                 if not recompute_corrupt:
                     raise
                 store.delete(join_key(prefix, MANIFEST_NAME))
-        if _take_lock(store, lock_key, run_id, lock_stale_after_s):
+        if lock.acquire():
             break
         if time.monotonic() > deadline:
             raise FeatureError(f"timed out waiting for another run to publish {store.uri(prefix)}")
@@ -295,7 +340,7 @@ def precompute_features(
             dataset_sha=dataset_sha,
         )
     finally:
-        store.delete(lock_key)
+        lock.release()
 
 
 def _compute_and_publish(

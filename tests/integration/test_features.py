@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
 import threading
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -26,6 +28,7 @@ from workers.converters import prepare_fashion_mnist_s
 from workers.datasets import load_splits
 from workers.features import (
     FEATURES_PREFIX,
+    LOCK_NAME,
     find_features,
     iter_batches,
     load_feature_table,
@@ -137,7 +140,11 @@ def test_corrupt_shard_is_reported_with_its_uri_or_recomputed(
         request()
     assert local_store.uri(shard) in str(info.value)
 
-    repaired = request(recompute_corrupt=True)
+    # A precompute killed half-way left its lock 61 s ago, never renewed since: the recompute
+    # takes it over at once instead of waiting for a run that will never publish.
+    abandoned = {"run": "killed", "at": time.time() - 61}
+    local_store.put_bytes(join_key(feats.prefix, LOCK_NAME), json.dumps(abandoned).encode())
+    repaired = request(recompute_corrupt=True, wait_timeout_s=5)
     verify_features(local_store, repaired)
     assert repaired.key == feats.key
     assert repaired.shards != feats.shards  # a new run's shards, under its own prefix
