@@ -27,7 +27,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from bird_core.methods import create_method
-from service.spec import Distribution, JobSpec
+from service.spec import Distribution, JobSpec, SearchSpec
 from workers.sinks import MetricsSink
 from workers.train import RayStorage, TrainPlan, run_training, search_score
 
@@ -159,7 +159,8 @@ def run_search(
     trial_base: str,
     make_sink: Callable[[int], MetricsSink | None] = lambda index: None,
 ) -> SearchOutcome:
-    """Run the spec's search; return every trial's outcome and the best one.
+    """Run the spec's search, or continue it where ``storage``/``run_name`` hold its state;
+    return every trial's outcome and the best one.
 
     ``trial_base`` is the store prefix under which trial ``i`` publishes its checkpoints
     (``<trial_base>/<i>/checkpoints/{best,last}``). ``make_sink(i)`` gives trial ``i``'s sink.
@@ -184,10 +185,26 @@ def run_search(
         trial_base=trial_base,
         make_sink=make_sink,
     )
+    # The driver only waits on its TorchTrainer: a sliver of a CPU (Tune refuses none).
+    trainable = tune.with_resources(driver, {"CPU": 0.01})
+    param_space = tune_space(search.space)
+    experiment = f"{storage.path}/{run_name}"
+    if tune.Tuner.can_restore(experiment, storage_filesystem=storage.filesystem):
+        # The same search again (a retried job whose worker died): finished trials keep their
+        # results and are not run again; unfinished ones, and ones that errored with the lost
+        # worker, continue, and each trial's TorchTrainer resumes from its own last checkpoint.
+        tuner = tune.Tuner.restore(
+            experiment,
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            param_space=param_space,
+            storage_filesystem=storage.filesystem,
+        )
+        return _outcome(tuner.fit(), search, spec.training.epochs, trial_base)
     tuner = tune.Tuner(
-        # The driver only waits on its TorchTrainer: a sliver of a CPU (Tune refuses none).
-        tune.with_resources(driver, {"CPU": 0.01}),
-        param_space=tune_space(search.space),
+        trainable,
+        param_space=param_space,
         tune_config=tune.TuneConfig(
             metric=SEARCH_METRIC,
             mode="max",
@@ -205,7 +222,11 @@ def run_search(
             storage_filesystem=storage.filesystem,
         ),
     )
-    grid = tuner.fit()
+    return _outcome(tuner.fit(), search, spec.training.epochs, trial_base)
+
+
+def _outcome(grid: Any, search: SearchSpec, max_epochs: int, trial_base: str) -> SearchOutcome:
+    """Every trial's parameters, epochs, best epoch and state; the Pareto front; the winner."""
     outcome = SearchOutcome()
     for result in grid:
         history = result.metrics_dataframe
@@ -224,7 +245,7 @@ def run_search(
             }
         if result.error is not None:
             state = "error"
-        elif epochs < spec.training.epochs:
+        elif epochs < max_epochs:
             state = "early_stopped"
         else:
             state = "completed"

@@ -58,14 +58,17 @@ def test_asha_search_stops_weak_trials_and_its_best_checkpoint_loads(
     def make_sink(index: int) -> ActorSink:
         return sinks[index]
 
-    outcome = run_search(
-        plan,
-        datasets,
-        storage=RayStorage.on_store(data.store, "jobs/search/ray"),
-        run_name="search",
-        trial_base="jobs/search/trials",
-        make_sink=make_sink,
-    )
+    def search(make_sink: Any) -> Any:
+        return run_search(
+            plan,
+            datasets,
+            storage=RayStorage.on_store(data.store, "jobs/search/ray"),
+            run_name="search",
+            trial_base="jobs/search/trials",
+            make_sink=make_sink,
+        )
+
+    outcome = search(make_sink)
 
     assert len(outcome.trials) == 4
     assert sorted(t.index for t in outcome.trials) == [0, 1, 2, 3]
@@ -103,3 +106,11 @@ def test_asha_search_stops_weak_trials_and_its_best_checkpoint_loads(
     assert math.isclose(search_score(val, objective), best.best_objective, abs_tol=1e-6)
     expected_prefix = f"jobs/search/trials/{best.index}/checkpoints/best"
     assert join_key(best.checkpoint_base, "best") == expected_prefix
+
+    # The same search again, as a retried job runs it: Tune's state is restored, no finished
+    # trial runs again (no epoch reaches the new sinks) and the outcome is the same.
+    again_sinks = {index: ActorSink() for index in range(4)}
+    again = search(lambda index: again_sinks[index])
+    assert all(not sink.records() for sink in again_sinks.values())
+    assert again.trials == outcome.trials
+    assert again.best == outcome.best
