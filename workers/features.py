@@ -40,6 +40,7 @@ from service.storage import (
     Manifest,
     ManifestEntry,
     ManifestError,
+    ObjectNotFoundError,
     ObjectStore,
     StorageError,
     fetch_verified,
@@ -239,9 +240,14 @@ class FeatureLock:
     def _renew(self) -> None:
         while not self._released.wait(self.stale_after_s / 4):
             try:
-                if self._holder()[0] != self.run_id:
+                held = json.loads(self.store.get_bytes(self.key))
+                if not isinstance(held, dict) or held.get("run") != self.run_id:
                     return  # broken by another run after renewals failed: not ours any more
                 self.store.put_bytes(self.key, self._payload())
+            except ObjectNotFoundError:
+                return  # broken and not yet taken: not ours any more either
+            except ValueError:
+                return  # overwritten with something that is not a marker of this run
             except StorageError:
                 continue  # a transient store error; the next renewal tries again
 
