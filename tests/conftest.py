@@ -224,7 +224,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Start the Ray head in the background as soon as the session is known to need it, so its
     start-up (seconds) overlaps the tests that run before the first Ray test."""
-    if any("ray_local" in getattr(item, "fixturenames", ()) for item in session.items):
+    if any(item.get_closest_marker("ray") for item in session.items):
         session.config.stash[_RAY_HEAD] = RayHead()
 
 

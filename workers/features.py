@@ -15,6 +15,7 @@ run waits for that run's manifest instead of computing the same features again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -214,11 +215,13 @@ class FeatureLock:
         return json.dumps({"run": self.run_id, "at": time.time()}).encode()
 
     def _holder(self) -> tuple[str | None, float]:
-        """(run, seconds since its last renewal) of the marker; an unreadable one is stale."""
+        """(run, seconds since its last renewal) of the marker; a missing or unreadable one has
+        no run and is stale. Other storage errors (the store unreachable) propagate: they say
+        nothing about the marker, so they must not break a live run's lock."""
         try:
             held = json.loads(self.store.get_bytes(self.key))
             return held.get("run"), time.time() - float(held.get("at", 0))
-        except (StorageError, ValueError, TypeError, AttributeError):
+        except (ObjectNotFoundError, ValueError, TypeError, AttributeError):
             return None, float("inf")
 
     def acquire(self) -> bool:
@@ -240,14 +243,9 @@ class FeatureLock:
     def _renew(self) -> None:
         while not self._released.wait(self.stale_after_s / 4):
             try:
-                held = json.loads(self.store.get_bytes(self.key))
-                if not isinstance(held, dict) or held.get("run") != self.run_id:
-                    return  # broken by another run after renewals failed: not ours any more
+                if self._holder()[0] != self.run_id:
+                    return  # broken (and maybe taken) by another run: not ours any more
                 self.store.put_bytes(self.key, self._payload())
-            except ObjectNotFoundError:
-                return  # broken and not yet taken: not ours any more either
-            except ValueError:
-                return  # overwritten with something that is not a marker of this run
             except StorageError:
                 continue  # a transient store error; the next renewal tries again
 
@@ -256,8 +254,10 @@ class FeatureLock:
         self._released.set()
         if self._renewer is not None:
             self._renewer.join()
-        if self._holder()[0] == self.run_id:
-            self.store.delete(self.key)
+        # Unreadable now: leave the marker; unrenewed, it goes stale for the next run.
+        with contextlib.suppress(StorageError):
+            if self._holder()[0] == self.run_id:
+                self.store.delete(self.key)
 
 
 def find_features(store: ObjectStore, key: str) -> FeatureSet | None:

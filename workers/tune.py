@@ -170,12 +170,6 @@ def run_search(
     if search is None:
         raise ValueError("the job spec has no search section")
     check_space(spec, plan.method_options)
-    scheduler = ASHAScheduler(
-        time_attr="epoch",
-        max_t=spec.training.epochs,
-        grace_period=min(search.grace_period, spec.training.epochs),
-        reduction_factor=search.reduction_factor,
-    )
     driver = tune.with_parameters(
         _trial_driver,
         plan=plan,
@@ -201,27 +195,32 @@ def run_search(
             param_space=param_space,
             storage_filesystem=storage.filesystem,
         )
-        return _outcome(tuner.fit(), search, spec.training.epochs, trial_base)
-    tuner = tune.Tuner(
-        trainable,
-        param_space=param_space,
-        tune_config=tune.TuneConfig(
-            metric=SEARCH_METRIC,
-            mode="max",
-            scheduler=scheduler,
-            num_samples=search.num_samples,
-            # Seeded so a job's trials are reproducible; the generator enforces the limit on
-            # concurrent trials itself (TuneConfig's is ignored beside a generator instance).
-            search_alg=tune.search.BasicVariantGenerator(
-                random_state=spec.seed, max_concurrent=search.max_concurrent_trials
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=SEARCH_METRIC,
+                mode="max",
+                scheduler=ASHAScheduler(
+                    time_attr="epoch",
+                    max_t=spec.training.epochs,
+                    grace_period=min(search.grace_period, spec.training.epochs),
+                    reduction_factor=search.reduction_factor,
+                ),
+                num_samples=search.num_samples,
+                # Seeded so a job's trials are reproducible; the generator enforces the limit
+                # on concurrent trials itself (TuneConfig's is ignored beside a generator).
+                search_alg=tune.search.BasicVariantGenerator(
+                    random_state=spec.seed, max_concurrent=search.max_concurrent_trials
+                ),
             ),
-        ),
-        run_config=tune.RunConfig(
-            name=run_name,
-            storage_path=storage.path,
-            storage_filesystem=storage.filesystem,
-        ),
-    )
+            run_config=tune.RunConfig(
+                name=run_name,
+                storage_path=storage.path,
+                storage_filesystem=storage.filesystem,
+            ),
+        )
     return _outcome(tuner.fit(), search, spec.training.epochs, trial_base)
 
 

@@ -15,14 +15,12 @@ import torch
 from bird_core.data import load_fashion_mnist_s
 from bird_core.preprocess import Preprocessor
 from service.storage import ChecksumMismatchError, ObjectStore, join_key
+from tests.integration.train_fixtures import SIZES as TRAIN_SIZES
 from tests.integration.train_fixtures import (
-    DATASET_PREFIX,
-    PROBE_EPOCHS,
     TrainData,
     copy_dataset_and_features,
+    precompute_fm_features,
 )
-from tests.integration.train_fixtures import SIZES as TRAIN_SIZES
-from tests.integration.train_fixtures import TEACHER as TRAIN_TEACHER
 from workers import features as features_module
 from workers.converters import prepare_fashion_mnist_s
 from workers.datasets import load_splits
@@ -104,14 +102,7 @@ def test_second_request_reuses_shards_without_running_the_teacher(
 
     monkeypatch.setattr(features_module, "_compute_and_publish", no_teacher)
     monkeypatch.setattr(features_module.TeacherEmbedder, "__call__", no_teacher)
-    second = precompute_features(
-        fm_features.store,
-        DATASET_PREFIX,
-        TeacherSource(**TRAIN_TEACHER),
-        dataset_preprocessing=fm_features.splits.preprocessing,
-        batch_size=64,
-        probe_epochs=PROBE_EPOCHS,
-    )
+    second = precompute_fm_features(fm_features.store, fm_features.splits.preprocessing)
     assert second.key == first.key and second.manifest == first.manifest
 
 
@@ -126,15 +117,7 @@ def test_corrupt_shard_is_reported_with_its_uri_or_recomputed(
     local_store.put_bytes(shard, bytes(data))
 
     def request(**kwargs):
-        return precompute_features(
-            local_store,
-            DATASET_PREFIX,
-            TeacherSource(**TRAIN_TEACHER),
-            dataset_preprocessing=fm_features.splits.preprocessing,
-            batch_size=128,
-            probe_epochs=PROBE_EPOCHS,
-            **kwargs,
-        )
+        return precompute_fm_features(local_store, fm_features.splits.preprocessing, **kwargs)
 
     with pytest.raises(ChecksumMismatchError) as info:
         request()

@@ -57,6 +57,23 @@ TEACHER = {"kind": "efficientnet_lite0_probe", "num_classes": 10, "image_size": 
 PROBE_EPOCHS = 3
 
 
+def precompute_fm_features(store: ObjectStore, preprocessing: dict, **kwargs: Any) -> FeatureSet:
+    """The tests' teacher's features of the dataset at ``DATASET_PREFIX`` in ``store``: found
+    published, or computed (``kwargs`` go to ``precompute_features``)."""
+    from workers.features import precompute_features
+    from workers.teachers import TeacherSource
+
+    return precompute_features(
+        store,
+        DATASET_PREFIX,
+        TeacherSource(**TEACHER),
+        dataset_preprocessing=preprocessing,
+        batch_size=128,
+        probe_epochs=PROBE_EPOCHS,
+        **kwargs,
+    )
+
+
 def copy_dataset_and_features(source: TrainData, target: ObjectStore) -> None:
     """Copy the dataset and its published features (manifests last) into ``target``."""
     for prefix in (DATASET_PREFIX, source.features.prefix):
@@ -76,8 +93,6 @@ def fm_features(s3_server: str, ray_local: str) -> Iterator[TrainData]:
     from service.datasets import read_dataset_meta
     from workers.converters import prepare_fashion_mnist_s
     from workers.datasets import load_splits
-    from workers.features import precompute_features
-    from workers.teachers import TeacherSource
 
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
     with _bucket(s3_server, "bird-fm") as bucket:
@@ -91,14 +106,7 @@ def fm_features(s3_server: str, ray_local: str) -> Iterator[TrainData]:
         store = store_from_settings(settings)
         prepare_fashion_mnist_s(store, DATASET_PREFIX, **SIZES)
         splits = load_splits(store, DATASET_PREFIX)
-        features = precompute_features(
-            store,
-            DATASET_PREFIX,
-            TeacherSource(**TEACHER),
-            dataset_preprocessing=splits.preprocessing,
-            batch_size=128,
-            probe_epochs=PROBE_EPOCHS,
-        )
+        features = precompute_fm_features(store, splits.preprocessing)
         meta = read_dataset_meta(store, DATASET_PREFIX)
         yield TrainData(store, settings.resolved_store_url, settings, features, meta, splits)
 
