@@ -30,27 +30,13 @@ from service.models import Metric
 from service.settings import Settings
 from service.spec import JobSpec
 from service.storage import ObjectStore, store_from_settings
+from workers.cluster import connect_ray
 from workers.pipeline import JobCancelled, JobControl, JobInputError, run_job
 from workers.train import stop_flag
 
 __all__ = ["Worker", "connect_ray"]
 
 log = logging.getLogger("bird.worker")
-
-
-def connect_ray(settings: Settings) -> None:
-    """Join the Ray cluster of ``settings.ray_address``, or start a local one (embedded mode)."""
-    if ray.is_initialized():
-        return
-    # A local cluster gets Ray's dashboard: Ray Train's clean-up of the placement groups of a
-    # trial that Tune stopped asks the State API it serves.
-    ray.init(
-        # Without an address, a cluster of our own: "auto" would join whatever Ray happens to
-        # run on this machine.
-        address=settings.ray_address or "local",
-        log_to_driver=settings.log_level == "debug",
-        configure_logging=False,
-    )
 
 
 class _Heartbeat(threading.Thread):
