@@ -48,6 +48,18 @@ class Settings(BaseSettings):
     api_port: int = Field(default=8000, ge=1, le=65535, description="Port the API binds to.")
     lease_s: int = Field(default=60, ge=5, description="Job lease length; heartbeats renew it.")
     heartbeat_s: int = Field(default=10, ge=1, description="Seconds between worker heartbeats.")
+    resource_wait_s: int = Field(
+        default=600,
+        ge=0,
+        description="How long a job waits (stage waiting_for_resources) for the Ray cluster to "
+        "have room for its training or a trial before it fails.",
+    )
+    stop_grace_s: int = Field(
+        default=15,
+        ge=1,
+        description="After a cancel, how long a job's Ray run has to stop on its own (writing a "
+        "final checkpoint) before the worker kills it.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("database_url")
