@@ -60,7 +60,8 @@ def _free_port() -> int:
 
 
 def connect_ray(settings: Settings) -> None:
-    """Join the Ray cluster at ``settings.ray_address``, or start the embedded local one.
+    """Join the Ray cluster at ``settings.ray_address``, or start the embedded local one
+    (address unset or ``local``; never a Ray that merely happens to run on the machine).
 
     The embedded cluster serves Ray's dashboard (and with it the State API) on a free loopback
     port, and every process of the job gets ``RAY_API_SERVER_ADDRESS`` pointing at it. A joined
@@ -69,12 +70,16 @@ def connect_ray(settings: Settings) -> None:
     """
     if ray.is_initialized():
         return
+    # A Ray call after ray.shutdown() (a worker thread still running while the process exits)
+    # would otherwise start or join whatever Ray runs on the machine. Ray reads the switch
+    # (RAY_ENABLE_AUTO_CONNECT) once, when it is imported, hence the module attribute.
+    ray._private.auto_init_hook.enable_auto_connect = False
     common: dict[str, Any] = {
         "log_to_driver": settings.log_level == "debug",
         "configure_logging": False,
     }
     address = settings.ray_address
-    if address is None:
+    if address in (None, "local"):
         port = _free_port()
         ray.init(
             # "local": a cluster of our own; "auto" would join whatever Ray runs on the machine.
