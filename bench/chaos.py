@@ -356,7 +356,8 @@ def occupied(cpus: float, node_id: str | None = None) -> Iterator[Any]:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     if node_id is None:
-        group = placement_group([{"CPU": cpus}])
+        # One CPU per bundle: the CPUs of several nodes add up.
+        group = placement_group([{"CPU": 1.0}] * int(cpus))
         ray.get(group.ready(), timeout=120)
         try:
             yield group
@@ -532,8 +533,8 @@ class Bench:
         """Training workers on the second node, which is then killed (SIGKILL of its raylet
         and workers): Ray Train restarts the worker group on the head from the checkpoint."""
         head = head_node_id()
-        job_id = self.stack.submit(spec(epochs=4))
-        with occupied(2.0, head) as _holder:
+        with occupied(2.0, head):
+            job_id = self.stack.submit(spec(epochs=4))
             wait_stage(self.stack, job_id, "training")
             wait_for(lambda: self.has_epoch(job_id), 600, "an epoch on the second node")
             started = time.monotonic()

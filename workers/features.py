@@ -313,7 +313,7 @@ def precompute_features(
     deadline = time.monotonic() + wait_timeout_s
     run_id = uuid.uuid4().hex[:12]
     lock = FeatureLock(store, join_key(prefix, LOCK_NAME), run_id, stale_after_s=lock_stale_after_s)
-    invalidated = False
+    invalidated = waiting = False
     while True:
         existing = find_features(store, key)
         if existing is not None:
@@ -337,8 +337,9 @@ def precompute_features(
             raise JobCancelled()
         if time.monotonic() > deadline:
             raise FeatureError(f"timed out waiting for another run to publish {store.uri(prefix)}")
-        if on_progress:
+        if on_progress and not waiting:
             on_progress("waiting for a concurrent precompute of the same features")
+        waiting = True
         time.sleep(1.0)
 
     try:

@@ -154,7 +154,14 @@ class Worker:
         connect_ray(self.settings)
         ran = 0
         while not stop.is_set() and (max_jobs is None or ran < max_jobs):
-            if self.run_one():
+            try:
+                claimed = self.run_one()
+            except Exception:
+                # The database or Ray away for a moment: this worker must not die of it (its
+                # job, if any, is reaped once its lease expires).
+                log.exception("worker %s: claiming or running a job failed", self.worker_id)
+                claimed = False
+            if claimed:
                 ran += 1
             else:
                 stop.wait(self.poll_s)
@@ -189,9 +196,16 @@ class Worker:
             message = error_summary(error, self.redact, with_type=False)
             self._end(job, "fail", f"the stored spec is not valid: {message}")
             return
-        connect_ray(self.settings)
         name = run_control_name(self.settings.resolved_database_url, job.id)
-        handle = run_control(name)
+        try:
+            connect_ray(self.settings)
+            handle = run_control(name)
+        except Exception as error:  # Ray unreachable: the deployment's fault, not the job's
+            log.exception("job %s: cannot reach Ray", job.id)
+            detail = error_summary(error, self.redact)
+            how = "retry" if job.attempts < job.max_attempts else "fail"
+            self._end(job, how, detail)
+            return
         control = JobControl(job_id=job.id, attempt=job.attempts, run_control=name)
         heartbeat = _Heartbeat(self, job, control, handle)
         heartbeat.start()

@@ -9,7 +9,8 @@ cluster, so that a search hung after its first trial. The cases share the server
 * a 4-trial search (default resources: 1 worker × 1 CPU, so one trial at a time on 2 CPUs)
   reaches ``succeeded``;
 * a search cancelled while tuning ends ``cancelled`` within the stated bound and keeps the
-  best checkpoint so far; a job queued behind it is cancelled at once;
+  best checkpoint so far, and leaves every CPU free (a training on the whole cluster runs
+  next); a job queued behind it is cancelled at once;
 * a request for 64 workers fails at once with what the cluster has, and the worker goes on.
 """
 
@@ -98,6 +99,7 @@ def embedded(
         BIRD_DATA_DIR=str(data_dir),
         BIRD_API_PORT=str(port),
         BIRD_HEARTBEAT_S="1",
+        BIRD_RESOURCE_WAIT_S="20",
         PYTHONUNBUFFERED="1",
         # Test speed only (as for the session's cluster): Ray Train polls its workers every
         # 2 s by default, and each run starts a preemption watcher a single node never needs.
@@ -218,6 +220,15 @@ def test_cancelling_a_search_keeps_its_best_checkpoint_and_the_worker_goes_on(
     # No epoch twice.
     epochs = _val_epochs(embedded, search_id)
     assert len(epochs) == len(set(epochs))
+
+    # Every CPU is free again: a training that takes the whole cluster (2 workers × 1 CPU)
+    # starts at once (BIRD_RESOURCE_WAIT_S=20 here: a trial left holding a CPU fails it).
+    whole = job_spec(epochs=1)
+    whole["resources"] = {"workers": 2, "cpus_per_worker": 1}
+    job_id = embedded.post("/jobs", whole).json()["id"]
+    job = embedded.wait(job_id, TERMINAL, timeout_s=240)
+    assert job["state"] == "succeeded", (job, _logs(embedded, job_id))
+    assert not any(m.startswith("waiting up to") for m in _logs(embedded, job_id))
 
     # The same worker takes the next job: a request the cluster can never hold fails at once.
     infeasible = job_spec(epochs=1)
