@@ -53,6 +53,7 @@ from service.storage import (
     ObjectStore,
     S3Store,
     open_store,
+    scoped,
     valid_bucket_name,
     validate_key,
 )
@@ -181,11 +182,20 @@ class AppState:
                 self._stores.popitem(last=False)
         return store
 
+    def _dataset_store(self, url: str) -> ObjectStore:
+        """A store rooted at a dataset outside the deployment's store: one cached client per
+        bucket (or directory), viewed at the dataset's prefix."""
+        if url.startswith("s3://"):
+            bucket, _, prefix = url.removeprefix("s3://").partition("/")
+            store = self._cached_store(f"s3://{bucket}")
+            return scoped(store, prefix) if prefix else store
+        return self._cached_store(url)
+
     def resolve_dataset(self, uri: str) -> tuple[ObjectStore, str]:
         """The store and prefix a job spec's ``dataset.uri`` names (see
-        :func:`bird_datasets.location.resolve_dataset_uri`; stores outside the deployment's
-        are cached). Raises :class:`~bird_datasets.location.DatasetURIError`."""
-        return resolve_dataset_uri(uri, self.settings, self.store, opener=self._cached_store)
+        :func:`bird_datasets.location.resolve_dataset_uri`). Raises
+        :class:`~bird_datasets.location.DatasetURIError`."""
+        return resolve_dataset_uri(uri, self.settings, self.store, opener=self._dataset_store)
 
     def resolve_object(self, uri: str) -> tuple[ObjectStore, str]:
         """The store and key of an object recorded by a worker (a checkpoint archive).
