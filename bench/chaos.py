@@ -49,12 +49,12 @@ from typing import Any
 import ray
 from sqlalchemy import select
 
+from bird_datasets.converters.fashion_mnist_s import prepare_fashion_mnist_s
 from service import queue
 from service.db import make_engine, session_factory, upgrade
 from service.models import Job, JobLog, Metric, Tenant
 from service.settings import Settings
 from service.storage import LocalStore
-from workers.converters import prepare_fashion_mnist_s
 from workers.features import MANIFEST_NAME, find_features
 
 LEASE_S = 5

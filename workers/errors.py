@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from service.datasets import DatasetError
+from bird_datasets.format import DatasetError
 
 __all__ = [
     "JobCancelled",

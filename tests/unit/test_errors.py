@@ -5,7 +5,7 @@ from __future__ import annotations
 from ray.exceptions import RayTaskError
 from ray.train import ControllerError, WorkerGroupError
 
-from service.datasets import DatasetFormatError
+from bird_datasets.format import DatasetFormatError
 from workers.errors import JobInputError, RunInputError, input_error_in, root_cause
 
 
