@@ -77,7 +77,7 @@ from workers.features import (
     read_feature_split,
     rows_as_tensors,
 )
-from workers.ingest import ShardedIngest
+from workers.ingest import ShardedIngest, presplit
 from workers.rows import decode_images_once, select_ids
 from workers.sinks import EpochRecord, MetricsSink, SinkCallback
 
@@ -774,7 +774,10 @@ def run_training(
         ),
         datasets=datasets,
         # `train` is split across ranks; `meta` and `val` are read whole where they are needed.
-        dataset_config=ShardedIngest(datasets_to_split=["train"]),
+        dataset_config=ShardedIngest(
+            datasets_to_split=["train"],
+            shards=presplit(datasets, ["train"], resources.workers),
+        ),
         run_config=RunConfig(
             name=run_name,
             storage_path=storage.path,

@@ -196,6 +196,9 @@ def test_cancel_while_evaluating(
     _assert_cluster_free()
 
 
+EPOCHS_AFTER_LEASE_LOSS = 5
+
+
 def test_a_worker_that_lost_its_lease_stops_its_run_and_the_next_attempt_resumes(
     live_api: LiveAPI, e2e_dataset: Any, ray_local: str
 ) -> None:
@@ -205,7 +208,9 @@ def test_a_worker_that_lost_its_lease_stops_its_run_and_the_next_attempt_resumes
     database now refuses) and reports nothing; the requeued job's next attempt (here by the
     same worker, free again at once) resumes from the last checkpoint."""
     client = BirdClient(live_api.base_url, live_api.api_key)
-    job_id = client.submit(job_spec(epochs=2, batch_size=16))["id"]
+    # Epochs enough that the killed attempt cannot have finished them all before its worker
+    # next heartbeats, however loaded the machine: the next attempt has epochs left to resume.
+    job_id = client.submit(job_spec(epochs=EPOCHS_AFTER_LEASE_LOSS, batch_size=16))["id"]
     with running_worker(live_api, heartbeat_s=HEARTBEAT_S) as worker:
         deadline = time.monotonic() + 240
         while not _val_epochs(client, job_id):
@@ -229,7 +234,9 @@ def test_a_worker_that_lost_its_lease_stops_its_run_and_the_next_attempt_resumes
     assert f"attempt 2 on worker {worker.worker_id}" in messages
     assert any(m.startswith("resumed from the checkpoint after epoch") for m in messages), messages
     # Every epoch once: the stale attempt wrote nothing after the new one took over.
-    assert _val_epochs(client, job_id) == [(None, 1), (None, 2)]
+    assert _val_epochs(client, job_id) == [
+        (None, epoch) for epoch in range(1, EPOCHS_AFTER_LEASE_LOSS + 1)
+    ]
     transitions = [e["transition"] for e in client.events(job_id)]
     assert transitions.count("claim") == 2 and "reap_requeue" in transitions, transitions
     assert transitions[-1] == "finish"

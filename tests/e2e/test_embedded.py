@@ -215,7 +215,8 @@ def test_cancelling_a_search_keeps_its_best_checkpoint_and_the_worker_goes_on(
     assert job["state"] == "cancelled", (job, _logs(embedded, search_id))
     assert seconds <= CANCEL_BOUND_S, seconds
     # The best trial's best checkpoint so far became the job's.
-    assert "best" in {c["name"] for c in embedded.get(f"/jobs/{search_id}/checkpoints")}
+    checkpoints = embedded.get(f"/jobs/{search_id}/checkpoints")
+    assert "best" in {c["name"] for c in checkpoints}, (checkpoints, _logs(embedded, search_id))
     assert any(m.startswith("search cancelled: kept trial") for m in _logs(embedded, search_id))
     # No epoch twice.
     epochs = _val_epochs(embedded, search_id)
