@@ -330,7 +330,7 @@ def test_compose_checker_catches_broken_files(mutate, expected):
 
 def test_bird_services_share_one_environment():
     """The x-bird-env anchor: every bird container sees the same BIRD_* values (the API adds
-    only where it binds)."""
+    only where it binds and the S3 address its presigned URLs are signed for)."""
     compose = load_compose()
     services = compose["services"]
     shared = environment_of({"environment": compose["x-bird-env"]})
@@ -339,7 +339,7 @@ def test_bird_services_share_one_environment():
         env = environment_of(services[name])
         assert {key: env[key] for key in shared} == shared, name
     api_extra = environment_of(services["api"]).keys() - shared.keys()
-    assert api_extra == {"BIRD_API_HOST", "BIRD_API_PORT"}
+    assert api_extra == {"BIRD_API_HOST", "BIRD_API_PORT", "BIRD_S3_PUBLIC_ENDPOINT_URL"}
 
 
 @pytest.mark.parametrize("service", sorted(BIRD_SERVICES))
