@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import importlib.util
 import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator, Mapping
 from functools import cache
 from pathlib import Path
@@ -51,6 +53,9 @@ DOCKERFILE = REPO_ROOT / "deploy" / "Dockerfile"
 DOCKERIGNORE = REPO_ROOT / ".dockerignore"
 K8S_DIR = REPO_ROOT / "deploy" / "k8s"
 RAYCLUSTER_SCHEMA = K8S_DIR / "schemas" / "raycluster.schema.json"
+LOCAL_DIR = REPO_ROOT / "deploy" / "local"
+LOCAL_OVERRIDE = LOCAL_DIR / "compose.yml"
+COMPOSE_TEST_SCRIPT = REPO_ROOT / "scripts" / "compose_test.py"
 K8S_DEFINITIONS_URI = "https://kubernetes.io/api/_definitions.json"
 
 # The oldest Kubernetes release the manifests promise to work with, and the newest bundled one.
@@ -429,33 +434,199 @@ def test_api_port_and_healthcheck_agree():
     assert f"127.0.0.1:{port}/readyz" in " ".join(api["healthcheck"]["test"])
 
 
-def _compose_cli() -> list[str] | None:
-    docker = shutil.which("docker")
-    if (
-        docker
-        and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0
-    ):
-        return [docker, "compose"]
-    legacy = shutil.which("docker-compose")
-    return [legacy] if legacy else None
+def compose_cli() -> list[str]:
+    """The compose CLI that `make compose-test` uses (scripts/compose_test.py picks it).
+
+    Missing, it is a failure, not a skip: `make install-dev` installs Debian's docker-compose
+    (its `config` needs no Docker daemon), so every machine that runs the tests has one.
+    """
+    script = compose_test_script()
+    try:
+        return script.compose_cli()
+    except script.Failure as error:
+        pytest.fail(f"{error} (`make install-dev` does it)", pytrace=False)
 
 
-@pytest.mark.parametrize("profile", ["gpu", "cpu"])
-def test_compose_cli_accepts_the_file(profile):
-    """Where a compose CLI is installed, its own schema validation (no daemon needed)."""
-    cli = _compose_cli()
-    if cli is None:
-        pytest.skip("neither `docker compose` nor `docker-compose` is installed")
+@pytest.mark.parametrize(
+    ("profile", "files"),
+    [
+        ("gpu", [COMPOSE_FILE]),
+        ("cpu", [COMPOSE_FILE]),
+        ("cpu", [COMPOSE_FILE, LOCAL_OVERRIDE]),
+    ],
+    ids=["gpu", "cpu", "cpu+local-override"],
+)
+def test_compose_cli_accepts_the_file(profile, files):
+    """The compose CLI's own schema validation and merge (no daemon needed), also of the
+    local test's override on top of docker-compose.yml."""
     env = {key: os.environ[key] for key in ("PATH", "HOME") if key in os.environ}
-    profile_args = ["--profile", profile, "config", "-q"]
+    file_args = [arg for path in files for arg in ("-f", str(path))]
+    command = [*compose_cli(), "--project-directory", str(REPO_ROOT), *file_args]
     result = subprocess.run(
-        [*cli, "--project-directory", str(REPO_ROOT), "-f", str(COMPOSE_FILE), *profile_args],
+        [*command, "--profile", profile, "config"],
         capture_output=True,
         text=True,
         env=env,
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
+    merged = yaml.safe_load(result.stdout)["services"]
+    if LOCAL_OVERRIDE in files:
+        assert merged["postgres"]["image"] == compose_test_script().POSTGRES_IMAGE
+        assert merged["minio"]["image"] == compose_test_script().S3_IMAGE
+        # What the override does not name is docker-compose.yml's, e.g. the bird services.
+        assert merged["api"]["command"] == API_COMMAND
+        assert (
+            merged["postgres"]["healthcheck"]["test"]
+            == (load_compose()["services"]["postgres"]["healthcheck"]["test"])
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The local compose test (`make compose-test`): deploy/local/ and scripts/compose_test.py
+# --------------------------------------------------------------------------------------------
+
+# What an override may change in a service whose image it swaps: the image, and for a stand-in
+# that is another program (moto for MinIO), how it starts and how its health is probed.
+OVERRIDE_KEYS = {"image", "command", "entrypoint", "healthcheck"}
+
+
+@cache
+def compose_test_script() -> Any:
+    """scripts/compose_test.py as a module (its stand-in image names and compose CLI choice)."""
+    spec = importlib.util.spec_from_file_location("compose_test", COMPOSE_TEST_SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_override() -> dict[str, Any]:
+    return yaml.safe_load(LOCAL_OVERRIDE.read_text())
+
+
+def merge_compose(base: Any, override: Any) -> Any:
+    """Compose's merge of an override file: mappings merge key by key, everything else
+    (sequences included, as for command and entrypoint) is replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            merged[key] = merge_compose(base[key], value) if key in base else value
+        return merged
+    return override
+
+
+def override_problems(compose: Mapping[str, Any], override: Mapping[str, Any]) -> list[str]:
+    """The override swaps exactly the images that come from a registry, and nothing else."""
+    problems: list[str] = []
+    services = compose.get("services") or {}
+    swapped = override.get("services") or {}
+    if set(override) != {"services"}:
+        problems.append(
+            f"the override may only change services, not {sorted(set(override) - {'services'})}"
+        )
+    pulled = {name for name, service in services.items() if "build" not in service}
+    for name in sorted(pulled - swapped.keys()):
+        problems.append(f"{name}: its image {services[name].get('image')} is not swapped")
+    script = compose_test_script()
+    stand_ins = set(script.LOCAL_DOCKERFILES)
+    for name, service in swapped.items():
+        if name not in services:
+            problems.append(f"{name}: not a service of docker-compose.yml")
+            continue
+        if name not in pulled:
+            problems.append(f"{name}: built from deploy/Dockerfile; the override must not touch it")
+        if set(service) - OVERRIDE_KEYS:
+            problems.append(f"{name}: changes {sorted(set(service) - OVERRIDE_KEYS)}")
+        if service.get("image") not in stand_ins:
+            problems.append(f"{name}: {service.get('image')} is not a stand-in the script builds")
+    if set(swapped.get("postgres", {})) - {"image"}:
+        problems.append("postgres: the stand-in must run with the service's own settings")
+    return problems
+
+
+def test_local_override_swaps_exactly_the_unpullable_images():
+    compose, override = load_compose(), load_override()
+    assert override_problems(compose, override) == []
+    # The merged stack passes the same checks as docker-compose.yml itself.
+    assert compose_problems(merge_compose(compose, override)) == []
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda o: o["services"].pop("postgres"), "postgres: its image postgres:16 is not swapped"),
+        (
+            lambda o: o["services"].update(api={"image": "bird-local/python:3.11-bookworm"}),
+            "api: built from deploy/Dockerfile; the override must not touch it",
+        ),
+        (
+            lambda o: o["services"]["minio"].update(environment={"X": "1"}),
+            "minio: changes ['environment']",
+        ),
+        (
+            lambda o: o["services"]["postgres"].update(command=["postgres", "-c", "fsync=off"]),
+            "postgres: the stand-in must run with the service's own settings",
+        ),
+        (
+            lambda o: o["services"]["minio-init"].update(image="minio/mc:latest"),
+            "minio-init: minio/mc:latest is not a stand-in the script builds",
+        ),
+        (lambda o: o.update(volumes={"x": {}}), "may only change services, not ['volumes']"),
+    ],
+)
+def test_override_checker_catches_broken_files(mutate, expected):
+    override = copy.deepcopy(load_override())
+    mutate(override)
+    problems = override_problems(load_compose(), override)
+    assert any(expected in problem for problem in problems), problems
+
+
+def test_stand_ins_take_the_settings_of_the_services_they_replace():
+    """The stand-ins read the variables, paths and ports docker-compose.yml gives the real
+    images, so the services run them unchanged."""
+    services = load_compose()["services"]
+    override = load_override()["services"]
+    entrypoint = (LOCAL_DIR / "postgres-entrypoint.sh").read_text()
+    for variable in environment_of(services["postgres"]):
+        assert f"${{{variable}" in entrypoint, variable
+    (data_mount,) = services["postgres"]["volumes"]
+    assert f"PGDATA=${{PGDATA:-{data_mount.split(':')[1]}}}" in entrypoint
+    assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
+    assert "postgresql-15" in (LOCAL_DIR / "postgres.Dockerfile").read_text()
+
+    # moto listens where bird and the bucket one-shot look for MinIO.
+    endpoint = load_compose()["x-bird-env"]["BIRD_S3_ENDPOINT_URL"]
+    port = endpoint.rsplit(":", 1)[1]
+    assert override["minio"]["command"][-2:] == ["--port", port]
+    assert f"127.0.0.1:{port}/" in " ".join(override["minio"]["healthcheck"]["test"])
+    init_script = override["minio-init"]["command"][0]
+    assert f'endpoint_url="{endpoint}"' in init_script
+    for variable in environment_of(services["minio-init"]):
+        assert f'os.environ["{variable}"]' in init_script, variable
+
+
+def test_compose_test_builds_the_dockerfile_on_its_base_image_arguments():
+    """The script replaces exactly the base images of deploy/Dockerfile, whose defaults stay
+    the public images; the stand-ins' Dockerfiles declare the arguments it passes."""
+    script = compose_test_script()
+    from_args = {re.fullmatch(r"\$\{(\w+)\}", s["base"]).group(1) for s in _dockerfile()[1]}
+    assert set(script.BASE_IMAGE_ARGS) == from_args
+    for arg in from_args:
+        default = dockerfile_args()[arg]
+        assert "/" in default or ":" in default, default
+        assert not default.startswith("bird-local/"), default
+    assert {"python:3.11-slim-bookworm", "pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime"} == {
+        dockerfile_args()[arg] for arg in from_args
+    }
+    for image, (dockerfile, build_args) in script.LOCAL_DOCKERFILES.items():
+        assert image.startswith("bird-local/"), image
+        global_args, _ = parse_dockerfile((LOCAL_DIR / dockerfile).read_text())
+        assert set(build_args) <= set(global_args), (dockerfile, build_args)
+    # The Makefile's target runs the script (with the Makefile's torch).
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    assert re.search(r"^compose-test:.*\n(\t.*\n)*\t.*scripts/compose_test\.py", makefile, re.M)
 
 
 # --------------------------------------------------------------------------------------------
@@ -874,10 +1045,12 @@ def test_pods_run_as_the_image_user():
 
 
 def test_kubectl_kustomize_renders_the_manifests():
-    """Where kubectl is installed: its built-in kustomize renders the directory offline."""
+    """kubectl's built-in kustomize renders the directory offline. A missing kubectl is a
+    failure, not a skip: the machines that run the tests have one (Debian's own
+    kubernetes-client is too old for this kustomization's `labels`)."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
-        pytest.skip("kubectl is not installed")
+        pytest.fail("kubectl is not installed (1.21 or later: its kustomize renders `labels`)")
     result = subprocess.run(
         [kubectl, "kustomize", str(K8S_DIR)], capture_output=True, text=True, timeout=60
     )
