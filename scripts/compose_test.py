@@ -396,9 +396,9 @@ def bring_up(stack: Stack, record: dict[str, Any]) -> None:
 
 def write_dataset(stack: Stack) -> Any:
     """FashionMNIST-S (small) into the stack's bucket from the host; returns its splits."""
+    from bird_datasets.converters.fashion_mnist_s import prepare_fashion_mnist_s
     from service.settings import Settings
     from service.storage import open_store
-    from workers.converters import prepare_fashion_mnist_s
     from workers.datasets import load_splits
 
     settings = Settings(

@@ -63,6 +63,14 @@ K8S_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
 
 SETTINGS_ENV = {f"BIRD_{name.upper()}" for name in Settings.model_fields}
 
+
+def project_packages() -> list[str]:
+    """The top-level packages the distribution ships ([tool.setuptools.packages.find])."""
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    include = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    return [pattern.rstrip("*") for pattern in include]
+
+
 API_COMMAND = ["bird", "serve", "--api-only"]
 WORKER_COMMAND = ["bird", "worker"]
 MIGRATE_COMMAND = ["bird", "db", "upgrade"]
@@ -1359,19 +1367,6 @@ def dockerignore_excludes(path: str, rules: list[str]) -> bool:
     return excluded
 
 
-def installed_packages() -> list[str]:
-    """The top-level packages that ``pip install .`` installs: the directories with an
-    ``__init__.py`` that match pyproject.toml's ``[tool.setuptools.packages.find] include``."""
-    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
-    patterns = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
-    return sorted(
-        path.name
-        for path in REPO_ROOT.iterdir()
-        if (path / "__init__.py").is_file()
-        and any(fnmatch.fnmatchcase(path.name, pattern) for pattern in patterns)
-    )
-
-
 def dockerignore_rules() -> list[str]:
     return [
         line.strip()
@@ -1391,7 +1386,7 @@ def test_dockerignore_sends_what_the_images_install_and_nothing_secret():
             if body is None and "--from" not in args:
                 sources.update(shlex.split(args)[:-1])
     assert {".", "pyproject.toml", "README.md"} <= sources
-    packages = installed_packages()
+    packages = project_packages()
     assert {"bird_core", "service", "workers"} <= set(packages)
     for source in sorted(sources - {"."}):
         assert (REPO_ROOT / source).exists(), source
@@ -1423,7 +1418,7 @@ def test_package_ships_its_non_python_files():
         pyproject.get("tool", {}).get("setuptools", {}).get("package-data", {})
     )
     missing = []
-    for top in installed_packages():
+    for top in project_packages():
         for path in (REPO_ROOT / top).rglob("*"):
             if not path.is_file() or path.suffix in (".py", ".pyc") or "__pycache__" in path.parts:
                 continue
