@@ -372,7 +372,17 @@ def environment(ports: dict[str, int]) -> dict[str, str]:
 
 def bring_up(stack: Stack, record: dict[str, Any]) -> None:
     stack.compose("down", "-v", "--remove-orphans", check=False)  # what a failed run left
-    stack.compose("up", "-d", "--no-build", "--scale", f"ray-worker-cpu={CPU_NODES}")
+    up = ("up", "-d", "--no-build", "--scale", f"ray-worker-cpu={CPU_NODES}")
+    retried = False
+    try:
+        stack.compose(*up)
+    except Failure as error:
+        # docker-compose v1 gives up at once when a dependency's healthcheck fails while it
+        # starts (seen on a busy 2-core machine: `ray status` in the head's healthcheck timing
+        # out); `up` again waits for the same conditions and starts what is missing.
+        print(f"    `up` failed, once more: {str(error).splitlines()[-1]}", flush=True)
+        retried = True
+        stack.compose(*up)
 
     def ready() -> bool:
         with urllib.request.urlopen(f"{stack.api_url}/readyz", timeout=5) as response:
@@ -391,7 +401,7 @@ def bring_up(stack: Stack, record: dict[str, Any]) -> None:
         return nodes if expected <= {node["node_ip"] for node in nodes} else None
 
     nodes = wait_for("every Ray node to be alive", all_nodes, timeout_s=600, every_s=3)
-    record["note"] = f"{len(nodes)} Ray nodes alive"
+    record["note"] = f"{len(nodes)} Ray nodes alive" + (" (`up` run twice)" if retried else "")
 
 
 def write_dataset(stack: Stack) -> Any:
