@@ -71,10 +71,10 @@ format:
 bench:
 	$(PYTHON) bench/step_cost.py
 
-# The docker-compose deployment for real (needs root and a running Docker Engine; about 10-15
-# minutes the first time, mostly base images): images built on local stand-ins of the public
-# base images, the stack up, a job through its API, a Ray node stopped mid-training, the stack
-# down. Not part of `make test` (see deploy/README.md).
+# The docker-compose deployment for real (needs root and a running Docker Engine; about 28
+# minutes the first time on 2 cores, mostly base images, about 5 once they are built): images
+# built on local stand-ins of the public base images, the stack up, a job through its API, a Ray
+# node stopped mid-training, the stack down. Not part of `make test` (see deploy/README.md).
 compose-test: install
 	$(PYTHON) scripts/compose_test.py --torch-spec "$(TORCH_SPEC)"
 

@@ -377,9 +377,9 @@ def bring_up(stack: Stack, record: dict[str, Any]) -> None:
     try:
         stack.compose(*up)
     except Failure as error:
-        # docker-compose v1 gives up at once when a dependency's healthcheck fails while it
-        # starts (seen on a busy 2-core machine: `ray status` in the head's healthcheck timing
-        # out); `up` again waits for the same conditions and starts what is missing.
+        # docker-compose v1 gives up at once when a dependency reports unhealthy while it
+        # starts (seen once on a busy 2-core machine, likely the Ray head's slow `ray status`
+        # healthcheck); `up` again waits for the same conditions and starts what is missing.
         print(f"    `up` failed, once more: {str(error).splitlines()[-1]}", flush=True)
         retried = True
         stack.compose(*up)
