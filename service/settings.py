@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = Field(
         default=None, description="S3-compatible endpoint (MinIO, moto); None means AWS."
     )
+    s3_public_endpoint_url: str | None = Field(
+        default=None,
+        description="The S3 endpoint as clients outside the deployment reach it: presigned "
+        "download URLs point there. Default: s3_endpoint_url.",
+    )
     s3_region: str = Field(default="us-east-1", description="S3 region.")
     s3_access_key_id: SecretStr | None = Field(default=None, description="S3 access key.")
     s3_secret_access_key: SecretStr | None = Field(default=None, description="S3 secret key.")

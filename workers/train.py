@@ -59,6 +59,7 @@ from bird_core.train import (
     TrainConfig,
     build_optimizer,
     evaluate,
+    is_channels_last,
     make_batch,
     seed_everything,
     split_meta,
@@ -491,6 +492,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     student.to(device)
     method.to(device)
     preprocess = preprocess.to(device)
+    # bf16 and channels-last as bird_core.train.fit decides them, for this rank's device.
+    step_format = train_config.step_format(device)
+    step_format.prepare_model(student)
     distiller: torch.nn.Module = Distiller(student, method)
     if world > 1:
         distiller = ray.train.torch.prepare_model(
@@ -568,7 +572,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if flags[0] >= STOP:
                 stopped = True
                 break
-            batch = batch_from_rows(rows, preprocess, device, plan.image_shape)
+            batch = step_format.prepare_batch(
+                batch_from_rows(rows, preprocess, device, plan.image_shape)
+            )
             meta_batch = None
             if sampler is not None:
                 meta_batch = make_batch(
@@ -578,10 +584,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     meta_features,
                     device,
                 )
+                meta_batch = step_format.prepare_batch(meta_batch)
             ctx = StepContext(task=plan.task, progress=step / total_steps, step=step)  # type: ignore[arg-type]
-            logs = train_step(
-                distiller, optimizer, batch, ctx, meta_batch, bf16=train_config.use_bf16
-            )
+            logs = train_step(distiller, optimizer, batch, ctx, meta_batch, bf16=step_format.bf16)
             for key, value in logs.items():
                 sums[key] = sums.get(key, 0.0) + value
             done += 1
@@ -678,6 +683,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "rank_param_max_diff": divergence,
                     "checkpoints": published,
                     "record": record.to_json(),
+                    # What the steps ran with, and the student's weights as they are now.
+                    "step_format": {
+                        **step_format.as_dict(),
+                        "student_channels_last": is_channels_last(student),
+                    },
                 }
             )
             if restored_record is not None:
@@ -750,7 +760,8 @@ def run_training(
     """Run ``plan`` with a ``TorchTrainer``; resume if ``storage``/``run_name`` hold a run.
 
     Resources come from the spec: ``resources.workers`` ranks with ``cpus_per_worker`` CPUs and
-    ``gpus_per_worker`` GPUs each (GPU runs use NCCL, CPU runs gloo). Up to
+    ``gpus_per_worker`` GPUs each (GPU runs use NCCL, CPU runs gloo), packed on few nodes or
+    spread over many (``resources.placement``). Up to
     ``max_attempts - 1`` worker failures are survived by restoring the last checkpoint.
     """
     spec = plan.job
@@ -770,7 +781,12 @@ def run_training(
             "torch_threads": max(1, int(resources.cpus_per_worker)),
         },
         scaling_config=ScalingConfig(
-            num_workers=resources.workers, use_gpu=use_gpu, resources_per_worker=per_worker
+            num_workers=resources.workers,
+            use_gpu=use_gpu,
+            resources_per_worker=per_worker,
+            # Ray's placement-group strategies: SPREAD is best effort, so a run that lost a
+            # node restores on the nodes that remain.
+            placement_strategy=resources.placement.upper(),
         ),
         datasets=datasets,
         # `train` is split across ranks; `meta` and `val` are read whole where they are needed.
