@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     lease_s: int = Field(default=60, ge=5, description="Job lease length; heartbeats renew it.")
     heartbeat_s: int = Field(default=10, ge=1, description="Seconds between worker heartbeats.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    max_student_params: int = Field(
+        default=100_000_000,
+        ge=1_000,
+        le=100_000_000_000,
+        description="The most parameters a job's student may have (checked at submit).",
+    )
 
     @field_validator("database_url")
     @classmethod
