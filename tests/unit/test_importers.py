@@ -284,7 +284,7 @@ def test_the_command_imports_prints_the_description_and_fails_in_one_line(tmp_pa
         ],
     )
     assert result.exit_code == 0, result.output
-    assert "imported to" in result.output and "OK:" in result.output
+    assert "imported, validated: OK:" in result.output
     assert "majority group" in result.output  # the describe table
     meta = read_dataset_meta(LocalStore(out), "")
     assert isinstance(meta, DatasetMeta) and len(meta.feature_names) > 60  # age one-hot
