@@ -66,6 +66,12 @@ class Settings(BaseSettings):
         "final checkpoint) before the worker kills it.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    max_student_params: int = Field(
+        default=100_000_000,
+        ge=1_000,
+        le=100_000_000_000,
+        description="The most parameters a job's student may have (checked at submit).",
+    )
 
     @field_validator("database_url")
     @classmethod

@@ -41,6 +41,7 @@ from bird_core.train import evaluate
 from bird_datasets.format import DatasetError
 from bird_datasets.location import resolve_dataset_uri
 from bird_datasets.reader import read_dataset_meta
+from service.compat import resolve_spec
 from service.models import JobStage
 from service.settings import Settings
 from service.spec import JobSpec
@@ -195,6 +196,10 @@ def run_job(
         data_store, prefix = resolve_dataset_uri(spec.dataset.uri, settings, store)
         data["uri"] = data_store.uri(prefix)
         meta = read_dataset_meta(data_store, prefix)
+        # The API resolved the stored spec already; a spec from elsewhere gets the same defaults.
+        spec, problems = resolve_spec(spec, meta)
+        if problems:
+            raise JobInputError("; ".join(f"{'.'.join(p.loc)}: {p.message}" for p in problems))
         splits = load_splits(data_store, prefix)  # validates every part and row
         teacher = teacher_source_from_spec(store, spec.teacher, meta.num_classes)
     features = _teacher_features(

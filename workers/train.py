@@ -66,6 +66,7 @@ from bird_core.train import (
     train_step,
     unwrap,
 )
+from service.compat import resolve_spec
 from service.settings import Settings
 from service.spec import JobSpec, ObjectiveSpec
 from service.storage import ObjectStore, open_store
@@ -279,16 +280,23 @@ def plan_training(
     run_control: str | None = None,
 ) -> TrainPlan:
     """The :class:`TrainPlan` of a job (or of one trial of its search, with ``overrides``)."""
+    # A spec the API stored is resolved already; one from elsewhere (a test, a bench) gets the
+    # defaults that depend on the dataset here (the student for its kind, input sizes).
+    spec, problems = resolve_spec(spec, dataset_meta)
+    if problems or spec.student.model is None:
+        raise ValueError("; ".join(f"{'.'.join(p.loc)}: {p.message}" for p in problems))
     options = {**spec.method.options, **(overrides or {})}
     create_method(spec.method.name, **options)  # unknown options or bad values fail here, early
-    student_options = dict(spec.student.options)
+    student_options = dict(spec.student.options or {})
     if spec.student.model == "mlp":
         student_options.setdefault("in_features", dataset_meta.num_features)
     elif dataset_meta.image_shape is not None:
         # Images are decoded to the channels the dataset declares, whatever the stored mode.
         student_options.setdefault("in_channels", dataset_meta.image_shape[0])
-    # The student is built once here so that options it does not take fail the job at once.
-    create_model(spec.student.model, dataset_meta.num_classes, **student_options)
+    # The student is built and run once here, on two inputs of the dataset's shape, so that
+    # options it does not take or images it cannot handle fail the job at once.
+    student = create_model(spec.student.model, dataset_meta.num_classes, **student_options)
+    check_student_input(student, spec.student.model, dataset_meta)
     metadata = features.metadata
     counts = metadata.get("counts", {})
     return TrainPlan(
@@ -309,6 +317,21 @@ def plan_training(
         fault=FaultInjection.from_env(),
         image_shape=dataset_meta.image_shape,
     )
+
+
+def check_student_input(student: torch.nn.Module, model: str, dataset_meta: Any) -> None:
+    """Run ``student`` (eval mode) on two zero inputs of the dataset's shape; ``ValueError``
+    saying which shape it cannot take (an architecture whose downsampling leaves nothing of a
+    small image, say)."""
+    shape = dataset_meta.image_shape or (dataset_meta.num_features,)
+    student.eval()
+    try:
+        with torch.no_grad():
+            student(torch.zeros(2, *shape))
+    except (RuntimeError, ValueError) as err:
+        what = "x".join(str(v) for v in shape)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"student {model} cannot take inputs of shape {what}: {first}") from err
 
 
 def build_datasets(

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from sqlalchemy import Connection, and_, bindparam, func, select, true
 from sqlalchemy.orm import Session
 
-from bird_datasets.format import parse_metadata
+from bird_datasets.format import DatasetMeta, parse_metadata
 from bird_datasets.location import DatasetURIError
 from service import queue
 from service.api.deps import AppState, Caller, DbDep, StateDep
@@ -40,7 +40,9 @@ from service.api.schemas import (
     TrialPublic,
     finite,
 )
+from service.compat import check_spec_against
 from service.models import Job, JobEvent, JobLog, JobState, Metric, Trial
+from service.spec import JobSpec
 from service.storage import (
     MANIFEST_NAME,
     BucketNotFoundError,
@@ -52,8 +54,9 @@ from service.storage import (
     StorageError,
     join_key,
 )
+from service.teachers import TeacherFacts, TeacherRecordError, read_teacher_facts
 
-__all__ = ["JOB_ID_MAX", "JobId", "check_dataset", "owned_job_id", "router"]
+__all__ = ["JOB_ID_MAX", "JobId", "check_dataset", "check_submission", "owned_job_id", "router"]
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -120,8 +123,9 @@ def _non_finite(value: Any, loc: tuple[str | int, ...] = ()) -> tuple[str | int,
     return None
 
 
-def check_dataset(state: AppState, uri: str) -> None:
-    """Check that ``uri`` names a published bird dataset; 422 (or 503 for an outage) if not.
+def check_dataset(state: AppState, uri: str) -> DatasetMeta:
+    """The metadata of the published bird dataset ``uri`` names; 422 (or 503 for an outage)
+    if there is none.
 
     The dataset exists once its ``manifest.json`` does (``service.storage.publish`` writes it
     last); its metadata must describe a bird dataset.
@@ -163,10 +167,51 @@ def check_dataset(state: AppState, uri: str) -> None:
         raise _invalid(
             loc, f"dataset {uri!r}: {store.uri(manifest_key)} is not a valid manifest", uri
         ) from None
-    _meta, problems = parse_metadata(manifest.metadata)
-    if problems:
+    meta, problems = parse_metadata(manifest.metadata)
+    if problems or meta is None:
         details = "; ".join(message for _, message in problems[:3])
         raise _invalid(loc, f"{where} is not a bird dataset: {details}", uri)
+    return meta
+
+
+def _teacher_facts(state: AppState, spec: JobSpec) -> TeacherFacts:
+    """What the spec's teacher says about itself (a published record is read from the store);
+    422 naming ``teacher.weights_uri`` when the weights cannot be found, 503 for an outage."""
+    teacher = spec.teacher
+    try:
+        return read_teacher_facts(state.store, teacher.kind, teacher.arch, teacher.weights_uri)
+    except TeacherRecordError as exc:
+        raise _invalid(("body", "teacher", "weights_uri"), str(exc), teacher.weights_uri) from None
+    except (ObjectNotFoundError, BucketNotFoundError, InvalidKeyError) as exc:
+        raise _invalid(("body", "teacher", "weights_uri"), str(exc), teacher.weights_uri) from None
+    except StorageError as exc:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            f"object store unavailable while reading teacher {teacher.weights_uri!r}: {exc}",
+        ) from None
+
+
+def check_submission(state: AppState, spec: JobSpec) -> JobSpec:
+    """The spec resolved for its dataset and teacher, or a 422 listing every problem.
+
+    Reads the dataset's manifest and the teacher's published record, then
+    :func:`service.compat.check_spec_against` fills in the defaults that depend on them and
+    checks teacher, student and method against the data: nothing that can be known here
+    reaches a worker.
+    """
+    meta = check_dataset(state, spec.dataset.uri)
+    teacher = _teacher_facts(state, spec)
+    checked = check_spec_against(
+        spec, meta, teacher, max_student_params=state.settings.max_student_params
+    )
+    if checked.problems:
+        raise RequestValidationError(
+            [
+                {"type": "value_error", "loc": ("body", *p.loc), "msg": p.message, "input": None}
+                for p in checked.problems
+            ]
+        )
+    return checked.spec
 
 
 @router.post(
@@ -207,28 +252,29 @@ async def submit_job(
     bad = _non_finite(spec_python)
     if bad is not None:
         raise _invalid(("body", *bad), "NaN and infinities are not allowed", None)
-    spec_json = spec.model_dump(mode="json")
 
     def work(session: Session, caller: Caller) -> JobPublic:
+        existing = None
         if idempotency_key is not None:
             existing = session.scalars(
                 select(Job).where(
                     Job.tenant_id == caller.tenant_id, Job.idempotency_key == idempotency_key
                 )
             ).one_or_none()
-            if existing is not None:
-                if existing.spec != spec_json:
-                    raise queue.IdempotencyConflict(
-                        f"Idempotency-Key {idempotency_key!r} was already used for job "
-                        f"{existing.id} with a different spec"
-                    )
-                response.status_code = status.HTTP_200_OK
-                response.headers["Idempotent-Replayed"] = "true"
-                return JobPublic.from_job(existing)
             # End the read transaction (and hand the connection back while the dataset is
             # checked): submit() runs its own.
             session.rollback()
-        check_dataset(state, spec.dataset.uri)
+        # The stored spec is the resolved one: what the dataset and teacher fill in included.
+        spec_json = check_submission(state, spec).model_dump(mode="json")
+        if existing is not None:
+            if existing.spec != spec_json:
+                raise queue.IdempotencyConflict(
+                    f"Idempotency-Key {idempotency_key!r} was already used for job "
+                    f"{existing.id} with a different spec"
+                )
+            response.status_code = status.HTTP_200_OK
+            response.headers["Idempotent-Replayed"] = "true"
+            return JobPublic.from_job(existing)
         job = queue.submit(
             session,
             caller.tenant_id,
