@@ -73,12 +73,13 @@ def _count(net: torch.nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-def _forward_ok(net: torch.nn.Module, channels: int, size: int) -> bool | None:
+def _forward_ok(net: torch.nn.Module, channels: int, size: int, device: str) -> bool | None:
     """Whether a forward pass takes ``size``×``size`` inputs; the spatial-map answer as a
     side channel: returns None when it fails, else whether the body gave a spatial map."""
-    x = torch.empty(2, channels, size, size, device="meta")
+    x = torch.zeros(2, channels, size, size, device=device)
     try:
-        out = net(x, features=True)
+        with torch.no_grad():
+            out = net(x, features=True)
     except Exception:  # any failure means: not at this size (or not on the meta device)
         return None
     return out.feature_map is not None
@@ -119,18 +120,27 @@ def describe_architecture(name: str) -> ArchitectureFacts:
     """The :class:`ArchitectureFacts` of ``name`` (``tv:<arch>`` or ``timm:<arch>``).
 
     Builds the network on the meta device and runs forward passes there (as few as it can:
-    each costs about as much as the build); raises what
-    :func:`~bird_core.models.create_model` raises for an architecture that cannot be built.
+    each costs about as much as the build). An architecture whose constructor needs real
+    tensors (torchvision's RegNets copy values while building) is built on the CPU instead.
+    Raises what :func:`~bird_core.models.create_model` raises for an architecture that cannot
+    be built.
     """
     if not name.startswith(("tv:", "timm:")):
         raise ValueError(f"describe_architecture takes tv:<arch> or timm:<arch>, got {name!r}")
-    with torch.device("meta"):
+    device = "meta"
+    try:
+        with torch.device(device):
+            net = create_model(name, 1)
+    except NotImplementedError as error:
+        if "meta tensor" not in str(error):
+            raise
+        device = "cpu"
         net = create_model(name, 1)
     features = net.head.fc.in_features
     backbone = _count(net) - (features + 1)
     per_channel = _stem_per_channel(net, name)
     if per_channel is None:
-        with torch.device("meta"):
+        with torch.device(device):
             per_channel = _count(create_model(name, 1, in_channels=4)) - _count(net)
     net.eval()
     spatial: bool | None = None
@@ -138,7 +148,7 @@ def describe_architecture(name: str) -> ArchitectureFacts:
     fixed = _timm_fixed_size(net) if name.startswith("timm:") else None
     sizes = (fixed,) if fixed is not None else PROBE_SIZES
     for size in sizes:
-        result = _forward_ok(net, 3, size)
+        result = _forward_ok(net, 3, size, device)
         if result is not None:
             spatial, min_size = result, size
             break
@@ -146,6 +156,6 @@ def describe_architecture(name: str) -> ArchitectureFacts:
         # A side that works, and the next probed ones that do not: a fixed input size (a ViT
         # with fixed position embeddings). timm says so itself; torchvision does not.
         larger = [s for s in PROBE_SIZES if s > min_size]
-        if all(_forward_ok(net, 3, s) is None for s in larger[:2]):
+        if all(_forward_ok(net, 3, s, device) is None for s in larger[:2]):
             fixed = min_size
     return ArchitectureFacts(backbone, features, per_channel, spatial, min_size, fixed)
