@@ -257,9 +257,7 @@ def watch(
 
     Exits 0 when the job succeeded, 1 when it failed or was cancelled, 3 on --timeout.
     """
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
-
+    from cli.progress import JobBars
     from service.client import BirdConnectionError, BirdError
 
     client = _client(url, key)
@@ -267,18 +265,8 @@ def watch(
     since: int | None = None
     latest: dict[str, Any] = {}
     job: dict[str, Any] = {}
-    console = Console(highlight=False)
-    columns = (
-        TextColumn(f"job {job_id}"),
-        TextColumn("{task.fields[state]:<10}"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TextColumn("{task.fields[stage]:<12}"),
-        TextColumn("{task.fields[metrics]}"),
-        TimeElapsedColumn(),
-    )
-    with client, Progress(*columns, console=console) as progress:
-        task = progress.add_task("", total=100, state="", stage="", metrics="")
+    label = f"job {job_id}"
+    with client, JobBars() as bars:
         unreachable_since: float | None = None
         while True:
             try:
@@ -290,26 +278,20 @@ def watch(
                 now = time.monotonic()
                 unreachable_since = unreachable_since or now
                 if now - unreachable_since > WATCH_RECONNECT_S:
-                    progress.stop()
+                    bars.stop()
                     fail(str(exc))
                 time.sleep(interval)
                 continue
             except BirdError as exc:
-                progress.stop()
+                bars.stop()
                 _explain(exc)
             since = metrics["next_since"]
             latest = metrics["latest"]
-            progress.update(
-                task,
-                completed=100 * float(job["progress"] or 0),
-                state=job["state"],
-                stage=job["stage"] or "",
-                metrics=_summary(latest.get("val")),
-            )
+            bars.update(label, job, _summary(latest.get("val")))
             if job["state"] in TERMINAL_STATES:
                 break
             if timeout and time.monotonic() - started > timeout:
-                progress.stop()
+                bars.stop()
                 typer.echo(f"job {job_id} is still {job['state']} after {timeout:g} s", err=True)
                 raise typer.Exit(3)
             time.sleep(interval)

@@ -6,8 +6,9 @@
   the training loop stops after the current step when it says *stop* (writing a final
   checkpoint) and at once when it says *abort* (a lost lease: the attempt must write nothing
   more), a search ends when it says either, and a training loop that finds the job's inputs
-  at fault reports it there. It also keeps the placement groups the job's runs reserved, so
-  that whatever a killed run leaves behind is released.
+  at fault reports it there, and rank 0 reports how far it has trained (epochs, fractions
+  within an epoch included) for the heartbeat's progress. It also keeps the placement groups
+  the job's runs reserved, so that whatever a killed run leaves behind is released.
 * :func:`run_on_ray` runs a function as a Ray task that the worker owns and can kill: a
   cancelled run gets ``grace_s`` seconds to stop on its own, then the task is force-cancelled,
   which ends everything it started (Tune, the Train controller and its workers, Ray Data
@@ -88,6 +89,7 @@ class RunControl:
     def __init__(self) -> None:
         self._mode = RUN
         self._input_error: tuple[str, str] | None = None
+        self._epochs: dict[int | None, float] = {}
         self._groups: list[tuple[str, int | None, PlacementGroup]] = []
 
     def stop(self) -> None:
@@ -115,6 +117,15 @@ class RunControl:
     def input_error(self) -> tuple[str, str] | None:
         """The first input error a run reported (message, traceback), if any."""
         return self._input_error
+
+    def report_epochs(self, trial: int | None, epochs: float) -> None:
+        """Rank 0 of a run (of ``trial``, None outside a search) has trained ``epochs`` epochs,
+        a fraction of the current one included; never goes back (a restored run repeats)."""
+        self._epochs[trial] = max(self._epochs.get(trial, 0.0), float(epochs))
+
+    def epochs_trained(self) -> float:
+        """The epochs trained so far, summed over a search's trials."""
+        return sum(self._epochs.values())
 
     def register(self, kind: str, trial: int | None, group: PlacementGroup) -> None:
         """Remember a placement group of the job (``kind``: ``train`` or ``trial``)."""

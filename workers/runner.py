@@ -81,7 +81,15 @@ class _Heartbeat(threading.Thread):
                 Metric.name == "objective",
             )
         )
-        return 0.1 + 0.8 * min(1.0, (done or 0) / max(self.epochs_total, 1))
+        # The epochs reported (whole ones) and, between reports, how far the run's rank 0 got
+        # within the current epoch (its RunControl), so the bar moves during an epoch.
+        trained = float(done or 0)
+        if self.run_control is not None:
+            with contextlib.suppress(Exception):  # a control gone or slow: epochs suffice
+                trained = max(
+                    trained, float(ray.get(self.run_control.epochs_trained.remote(), timeout=5))
+                )
+        return 0.1 + 0.8 * min(1.0, trained / max(self.epochs_total, 1))
 
     def _tell_run(self, method: str) -> None:
         with contextlib.suppress(Exception):  # the control may be gone already

@@ -85,6 +85,7 @@ from workers.sinks import EpochRecord, MetricsSink, SinkCallback
 
 __all__ = [
     "FAULT_ENV",
+    "SLOW_STEP_ENV",
     "FaultInjection",
     "TrainOutcome",
     "TrainPlan",
@@ -100,6 +101,9 @@ __all__ = [
 # Test-only fault injection: "rank=1,epoch=2,marker=/tmp/file" makes rank 1 exit hard halfway
 # through epoch 2 (0-based) — once: the marker file records that the fault happened.
 FAULT_ENV = "BIRD_TEST_FAULT"
+# Test-only: seconds every training step sleeps (read on the driver), so that a test can see a
+# run in the middle of an epoch however fast the machine is.
+SLOW_STEP_ENV = "BIRD_TEST_SLOW_STEP"
 # The epoch record inside Ray's checkpoint directory (see train_loop_per_worker).
 RECORD_FILE = "epoch_record.json"
 # How often rank 0 asks the job's RunControl (a Ray actor) between steps.
@@ -155,6 +159,7 @@ class TrainPlan:
     trial: int | None = None
     run_control: str | None = None  # name of the job's RunControl actor
     fault: FaultInjection | None = None
+    step_delay_s: float = 0.0  # see SLOW_STEP_ENV
     # The dataset's declared (C, H, W): images are decoded to these channels everywhere.
     image_shape: tuple[int, int, int] | None = None
 
@@ -315,6 +320,7 @@ def plan_training(
         trial=trial,
         run_control=run_control,
         fault=FaultInjection.from_env(),
+        step_delay_s=float(os.environ.get(SLOW_STEP_ENV) or 0),
         image_shape=dataset_meta.image_shape,
     )
 
@@ -415,16 +421,20 @@ def _rank_divergence(student: torch.nn.Module, method: torch.nn.Module, world: i
 class _StopPoller:
     """Rank 0 polls the job's RunControl (every _STOP_POLL_S at most); ranks agree by
     all-reduce. A control that is gone (its worker died, or a new attempt replaced it) means
-    abort: this run belongs to an attempt that no longer owns the job."""
+    abort: this run belongs to an attempt that no longer owns the job. Each poll also tells the
+    control how far training got (``epochs``), so the job's progress moves within an epoch."""
 
-    def __init__(self, handle: Any):
+    def __init__(self, handle: Any, trial: int | None = None):
         self.handle = handle
+        self.trial = trial
         self.next_poll = 0.0
         self.mode = RUN
 
-    def local(self) -> int:
+    def local(self, epochs: float | None = None) -> int:
         if self.handle is not None and self.mode != ABORT and time.monotonic() >= self.next_poll:
             try:
+                if epochs is not None:  # fire and forget: the mode call below waits anyway
+                    self.handle.report_epochs.remote(self.trial, epochs)
                 self.mode = max(self.mode, int(ray.get(self.handle.mode.remote())))
             except ray.exceptions.RayActorError:
                 self.mode = ABORT
@@ -550,7 +560,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         steps_per_epoch = min(steps_per_epoch, train_config.max_steps_per_epoch)
     total_steps = steps_per_epoch * train_config.epochs
     store = open_store(plan.store_url, plan.settings) if rank == 0 else None
-    poller = _StopPoller(control if rank == 0 else None)
+    poller = _StopPoller(control if rank == 0 else None, plan.trial)
     shard = ray.train.get_dataset_shard("train")
     meta_batch_size = getattr(method.options, "meta_batch_size", None) or batch_size
 
@@ -584,7 +594,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 plan.fault.maybe_exit(rank, epoch)
             # Every rank must run the same steps (DDP): stop when any rank is asked to stop
             # or has run out of rows.
-            flags = torch.tensor([float(poller.local()), float(rows is None)])
+            flags = torch.tensor(
+                [float(poller.local(epoch + i / steps_per_epoch)), float(rows is None)]
+            )
             if world > 1:
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             if flags[0] >= ABORT:
@@ -614,6 +626,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 sums[key] = sums.get(key, 0.0) + value
             done += 1
             step += 1
+            if plan.step_delay_s:
+                time.sleep(plan.step_delay_s)
         if aborted:
             # The attempt lost the job: end without a checkpoint, a report or a publication.
             return

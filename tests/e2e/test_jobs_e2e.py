@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from bird_core.checkpoint import load_training_state
 from service.client import BirdClient
 from tests.e2e.conftest import job_spec, running_worker
 from tests.integration.api_fixtures import LiveAPI
 from workers.runner import Worker
+from workers.train import SLOW_STEP_ENV
 
 
 def _wait(client: BirdClient, job_id: int, states: set[str], timeout_s: float = 240) -> dict:
@@ -163,3 +165,26 @@ def test_a_worker_killed_mid_job_loses_its_lease_and_another_resumes_the_job(
     assert int(resumed[0].rsplit(" ", 1)[-1]) >= killed_at_epochs[-1]
     transitions = [e["transition"] for e in client.events(job_id)]
     assert "reap_requeue" in transitions and transitions.count("claim") == 2, transitions
+
+
+def test_progress_moves_within_an_epoch(
+    live_api: LiveAPI, e2e_dataset: Any, ray_local: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A one-epoch job: the only way its progress takes values strictly between the training
+    stage's start (10%) and its end (90%) is the training loop's report within the epoch."""
+    client = BirdClient(live_api.base_url, live_api.api_key)
+    # Steps slow enough that a 1 s heartbeat sees the epoch half done, however fast the machine.
+    monkeypatch.setenv(SLOW_STEP_ENV, "0.05")
+    seen: list[float] = []
+    with running_worker(live_api):
+        job_id = client.submit(job_spec(epochs=1, batch_size=4))["id"]
+        deadline = time.monotonic() + 240
+        while (job := client.get_job(job_id))["state"] not in {"succeeded", "failed", "cancelled"}:
+            assert time.monotonic() < deadline, job
+            if job["stage"] == "training" and not _epochs(client, job_id):
+                seen.append(job["progress"])
+            time.sleep(0.2)
+    assert job["state"] == "succeeded", job
+    within = sorted({p for p in seen if 0.1 < p < 0.9})
+    assert len(within) >= 2, seen  # it moved, more than once, before the epoch ended
+    assert seen == sorted(seen), seen  # and never went back

@@ -1,0 +1,75 @@
+"""Live progress bars for jobs followed by polling the API (`bird jobs watch`, `bird demo`).
+
+One bar per job, redrawn in place on a terminal (state, percentage, stage, a metrics summary,
+elapsed time) instead of a new line per poll. Off a terminal (a pipe, a log file) rich draws
+the bars once, when they stop, so a log holds the final state and no redraw codes.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
+
+__all__ = ["JobBars"]
+
+
+class JobBars:
+    """Progress bars, one per job, fed with the job objects the API returns."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.console = console or Console(highlight=False)
+        self.progress: Progress = Progress(
+            TextColumn("{task.description}"),
+            TextColumn("{task.fields[state]:<10}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[stage]:<12}"),
+            TextColumn("{task.fields[metrics]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+        )
+        self.tasks: dict[str, TaskID] = {}
+
+    def __enter__(self) -> JobBars:
+        self.progress.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Draw the bars a last time and leave them on the screen (idempotent)."""
+        self.progress.stop()
+
+    def update(self, label: str, job: dict[str, Any], metrics: str = "") -> None:
+        """Show ``job`` (the API's job object) on the bar named ``label`` (made on first use)."""
+        if label not in self.tasks:
+            self.tasks[label] = self.progress.add_task(
+                label, total=100, state="", stage="", metrics=""
+            )
+        self.progress.update(
+            self.tasks[label],
+            completed=100 * min(max(float(job.get("progress") or 0), 0.0), 1.0),
+            state=job.get("state") or "",
+            stage=job.get("stage") or "",
+            metrics=metrics,
+        )
+        self.progress.refresh()
