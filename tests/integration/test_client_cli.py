@@ -301,7 +301,11 @@ def test_cli_watch_follows_a_job_to_the_end(live_api: LiveAPI, tiny_dataset: str
     result = run_cli(live_api, "jobs", "watch", str(job_id), "--interval", "0.1", "--timeout", "60")
     thread.join()
     assert result.exit_code == 0, result.output
-    assert result.stdout.strip().splitlines()[-1] == f"job {job_id} succeeded: auroc 0.9"
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1] == f"job {job_id} succeeded: auroc 0.9"
+    # Off a terminal the bar is written once, in its last state: not a line per poll.
+    bars = [line for line in lines[:-1] if line.startswith(f"job {job_id} ")]
+    assert len(bars) == 1 and "succeeded" in bars[0] and "auroc 0.8" in bars[0], lines
 
     cancelled = run_cli(live_api, "jobs", "cancel", str(job_id))
     assert cancelled.exit_code == 1
