@@ -65,11 +65,13 @@ class JobBars:
             self.tasks[label] = self.progress.add_task(
                 label, total=100, state="", stage="", metrics=""
             )
+        state = job.get("state") or ""
         self.progress.update(
             self.tasks[label],
             completed=100 * min(max(float(job.get("progress") or 0), 0.0), 1.0),
-            state=job.get("state") or "",
-            stage=job.get("stage") or "",
+            state=state,
+            # A finished job keeps its last stage; only a failure's is worth showing.
+            stage="" if state in ("succeeded", "cancelled") else job.get("stage") or "",
             metrics=metrics,
         )
         self.progress.refresh()

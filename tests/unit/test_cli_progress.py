@@ -41,10 +41,11 @@ def test_off_a_terminal_the_bars_are_written_once_with_the_last_state() -> None:
         for progress in (0.1, 0.37, 0.64):
             bars.update("bird  job 1", _job(progress))
             bars.update("bkd   job 2", _job(progress / 2))
-        bars.update("bird  job 1", _job(1.0, "succeeded", "done"))
+        bars.update("bird  job 1", _job(1.0, "succeeded", "uploading"))
     lines = [line for line in out.getvalue().splitlines() if line.strip()]
     assert len(lines) == 2, lines  # one line per job, not one per poll
     assert "bird  job 1" in lines[0] and "succeeded" in lines[0] and "100%" in lines[0]
+    assert "training" not in lines[0] and "uploading" not in lines[0]  # a finished job's old stage
     assert "bkd   job 2" in lines[1] and "32%" in lines[1] and "training" in lines[1]
     assert "\x1b[" not in out.getvalue()
 
