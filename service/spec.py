@@ -34,7 +34,14 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "mfd": {"lambda_f": "float", "sigma": "float", "lambda_kd": "float", "temperature": "float"},
     "bird": {
         "inner_lr": "float",
+        "inner_steps": "int",
         "phi_lr": "float",
+        "phi_optimizer": ("sgd", "adam"),
+        "freeze_gate": "bool",
+        "gate_init": "float",
+        "gate_logits": "bool",
+        "gate_reference": ("zero", "mean"),
+        "feature_loss_norm": ("mean", "standardised"),
         "lambda_kd": "float",
         "lambda_logit": "float",
         "temperature": "float",
@@ -45,7 +52,6 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
         "meta_batch_size": "int|None",
         "meta_sampling": ("balanced", "random"),
         "virtual_params": ("head", "all"),
-        "gate_init": "float",
     },
 }
 
@@ -63,6 +69,10 @@ def _check_option(method: str, key: str, value: Any, kind: Any) -> None:
             raise ValueError(f"option {key} of {method!r} must be one of {list(kind)}")
         return
     if kind == "int|None" and value is None:
+        return
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"option {key} of {method!r} must be true or false")
         return
     if kind.startswith("int"):
         if isinstance(value, bool) or not isinstance(value, int):
