@@ -156,7 +156,6 @@ class BIRD(Method):
     ) -> dict[str, float]:
         """Fit what the gate needs from the teacher's outputs on these rows (the held-out
         slice): the features' mean and scale, and with ``gate_logits`` the teacher's head W_T."""
-        opts: BIRDOptions = self.options  # type: ignore[assignment]
         self.fair.fit_statistics(teacher_embedding)
         if not self.fair.gates_logits or teacher_logits is None:
             return {}
@@ -302,7 +301,6 @@ class BIRD(Method):
             # Average across ranks: each rank saw its own batches, all must keep one φ.
             dist.all_reduce(grad, op=dist.ReduceOp.SUM)
             grad /= dist.get_world_size()
-        grad = grad.float()
         with torch.no_grad():
             self.fair.phi.sub_(self._phi_update(grad).to(self.fair.phi.dtype))
         grad_norm = float(grad.norm())
@@ -316,6 +314,7 @@ class BIRD(Method):
         if opts.phi_optimizer == "sgd":
             return opts.phi_lr * grad
         beta1, beta2, eps = 0.9, 0.999, 1e-8
+        grad = grad.to(self.phi_exp_avg.dtype)
         self.phi_steps += 1
         self.phi_exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
         self.phi_exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)

@@ -466,7 +466,8 @@ def test_bird_joint_loss_is_inner_plus_weighted_fairness(
     method = setup_method("bird", teacher_features, lambda_fair=2.0, lambda_kd=3.0)
     total, parts = method.loss(out, batch, StepContext())
     assert set(parts) == {"ce", "feat", "kd", "fair"}
-    expected = parts["ce"] + 3.0 * parts["feat"] + 1.0 * parts["kd"] + 2.0 * parts["fair"]
+    lambda_logit = method.options.lambda_logit
+    expected = parts["ce"] + 3.0 * parts["feat"] + lambda_logit * parts["kd"] + 2.0 * parts["fair"]
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
     # Stage III must not move φ: no gradient reaches it
     total.backward()
