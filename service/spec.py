@@ -198,7 +198,7 @@ class SearchSpec(_Strict):
 
     space: dict[str, Distribution] = Field(
         default_factory=lambda: {
-            "phi_lr": Distribution(kind="loguniform", low=1.0, high=1000.0),
+            "phi_lr": Distribution(kind="loguniform", low=0.005, high=0.5),  # Adam steps on φ
             "lambda_kd": Distribution(kind="uniform", low=0.1, high=3.0),
             "gamma": Distribution(kind="uniform", low=0.5, high=10.0),
             "lambda_fair": Distribution(kind="uniform", low=0.5, high=10.0),
