@@ -162,8 +162,8 @@ def test_method_options_defaults():
     opts = method_options("bird")
     assert opts["phi_lr"] == 0.05
     assert opts["phi_optimizer"] == "adam"
-    assert opts["gate_logits"] is False
-    assert opts["lambda_logit"] == 1.0
+    assert opts["gate_logits"] is True
+    assert opts["lambda_logit"] == 5.0
     assert opts["freeze_gate"] is False
     assert opts["virtual_params"] == "head"
     assert opts["gate_init"] == 0.0
