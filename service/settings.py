@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = Field(
         default=None, description="S3-compatible endpoint (MinIO, moto); None means AWS."
     )
+    s3_public_endpoint_url: str | None = Field(
+        default=None,
+        description="The S3 endpoint as clients outside the deployment reach it: presigned "
+        "download URLs point there. Default: s3_endpoint_url.",
+    )
     s3_region: str = Field(default="us-east-1", description="S3 region.")
     s3_access_key_id: SecretStr | None = Field(default=None, description="S3 access key.")
     s3_secret_access_key: SecretStr | None = Field(default=None, description="S3 secret key.")
@@ -48,6 +53,18 @@ class Settings(BaseSettings):
     api_port: int = Field(default=8000, ge=1, le=65535, description="Port the API binds to.")
     lease_s: int = Field(default=60, ge=5, description="Job lease length; heartbeats renew it.")
     heartbeat_s: int = Field(default=10, ge=1, description="Seconds between worker heartbeats.")
+    resource_wait_s: int = Field(
+        default=600,
+        ge=0,
+        description="How long a job waits (stage waiting_for_resources) for the Ray cluster to "
+        "have room for its training or a trial before it fails.",
+    )
+    stop_grace_s: int = Field(
+        default=15,
+        ge=1,
+        description="After a cancel, how long a job's Ray run has to stop on its own (writing a "
+        "final checkpoint) before the worker kills it.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("database_url")

@@ -218,6 +218,11 @@ class ResourcesSpec(_Strict):
     workers: int = Field(default=1, ge=1, le=64)
     gpus_per_worker: float = Field(default=0, ge=0, le=8)
     cpus_per_worker: float = Field(default=1, gt=0, le=128)
+    placement: Literal["pack", "spread"] = Field(
+        default="pack",
+        description="pack: the ranks on as few nodes as possible (fastest DDP); spread: on "
+        "as many nodes as possible (ranks share no node, where the cluster has the nodes).",
+    )
 
 
 class JobSpec(_Strict):
