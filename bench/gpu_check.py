@@ -106,6 +106,8 @@ def main() -> None:
             student_dim=256, teacher_dim=teacher_dim, num_classes=classes, task="multiclass"
         )
         method.to(device)
+        # What BIRD fits from the held-out rows before training (the teacher's head).
+        method.fit_to_teacher(batches[0].teacher_embedding, batches[0].teacher_logits)
         # The plain reference trains the bare student; the others go through bird_core's step.
         module: torch.nn.Module = (
             student.train() if label == "plain_amp_ce" else Distiller(student, method).train()

@@ -85,6 +85,8 @@ def main() -> None:
             num_classes=10,
             task="multiclass",
         )
+        # What fit() does before training: BIRD fits the teacher's head on the held-out rows.
+        method.fit_to_teacher(features.embedding[meta_rows], features.logits[meta_rows])
         distiller = Distiller(student, method).train()
         runners[label] = (distiller, build_optimizer(student, method, TrainConfig()))
 

@@ -21,12 +21,21 @@ def probabilities(logits: torch.Tensor, task: Task) -> torch.Tensor:
 
 
 def kd_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    *,
+    detach_teacher: bool = True,
 ) -> torch.Tensor:
-    """Hinton KD term T²·KL(softmax(z_T/T) ‖ softmax(z_S/T)), averaged over the batch."""
+    """Hinton KD term T²·KL(softmax(z_T/T) ‖ softmax(z_S/T)), averaged over the batch.
+
+    The teacher's logits are a constant target; ``detach_teacher=False`` keeps their graph for
+    targets that depend on something being meta-learned (BIRD's gated logits depend on φ).
+    """
     t = temperature
     log_p_student = F.log_softmax(student_logits / t, dim=1)
-    p_teacher = F.softmax(teacher_logits.detach() / t, dim=1)
+    target = teacher_logits.detach() if detach_teacher else teacher_logits
+    p_teacher = F.softmax(target / t, dim=1)
     return F.kl_div(log_p_student, p_teacher, reduction="batchmean") * t * t
 
 

@@ -510,6 +510,9 @@ def fit(
             config.seed + 7919 * (rank + 1),  # type: ignore[attr-defined]
         )
         meta_batch_size = opts.meta_batch_size or config.batch_size  # type: ignore[attr-defined]
+        if train_features is not None:
+            held_out = train_features.rows(meta_rows)
+            method.fit_to_teacher(held_out["teacher_embedding"], held_out["teacher_logits"])  # type: ignore[arg-type]
 
     distiller: nn.Module = Distiller(student, method)
     if world > 1:
@@ -559,6 +562,7 @@ def fit(
             if progress is not None:
                 progress(1)
         train_means = {k: v / max(done, 1) for k, v in sums.items()}
+        train_means.update(method.epoch_metrics())
         val = evaluate(student, preprocess, data.val, data.task, config.eval_batch_size, device)
         epoch_result = EpochResult(epoch, train_means, val, time.perf_counter() - started)
         result.epochs.append(epoch_result)

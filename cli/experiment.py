@@ -1,4 +1,5 @@
-"""``bird experiment``: the paper's comparison table, offline (bird_core only, no service)."""
+"""``bird experiment``: methods and named variants with paired seeds, offline (bird_core only,
+no service)."""
 
 from __future__ import annotations
 
@@ -19,45 +20,59 @@ def experiment(
     out: Annotated[Path, typer.Option(help="Directory for results.json and results.md.")] = Path(
         "runs/experiment"
     ),
+    preset: Annotated[
+        str,
+        typer.Option(
+            help="paper (every method, 3 seeds) or gate-ablation (BIRD, its frozen-gate and "
+            "λ_fair = 0 ablations, BKD and AD; 5 paired seeds)."
+        ),
+    ] = "paper",
+    dataset: Annotated[str, typer.Option(help="fashion-mnist-s or adult.")] = "fashion-mnist-s",
     teachers: Annotated[
-        str | None, typer.Option(help="Comma-separated teacher settings: cnn,efficientnet.")
+        str | None,
+        typer.Option(help="Comma-separated teacher settings (cnn,efficientnet; adult: mlp)."),
     ] = None,
     methods: Annotated[
-        str | None, typer.Option(help="Comma-separated methods (default: all registered).")
+        str | None,
+        typer.Option(
+            help="Comma-separated methods or named variants (bird-frozen, bird-nofair, "
+            "bird-nofair-frozen); default: the preset's."
+        ),
+    ] = None,
+    variant: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Define and run a variant: NAME=METHOD:key=value,... (repeatable), "
+            "e.g. bird-adam=bird:phi_optimizer=adam,phi_lr=0.05."
+        ),
+    ] = None,
+    compare: Annotated[
+        list[str] | None,
+        typer.Option(help="Report the paired difference A − B: A:B (repeatable)."),
     ] = None,
     seeds: Annotated[int | None, typer.Option(help="Number of seeds (0..N-1).", min=1)] = None,
     train_size: Annotated[
-        int | None, typer.Option(help="Train images to subsample (default 20000).", min=10)
+        int | None, typer.Option(help="Train rows to subsample (default 20000).", min=10)
     ] = None,
     epochs: Annotated[int | None, typer.Option(help="Student epochs.", min=1)] = None,
 ) -> None:
-    """Reproduce the paper's table offline on FashionMNIST-S with two biased teachers."""
-    from dataclasses import replace
+    """Run the offline experiment: methods and variants with paired seeds, biased teachers."""
+    from bird_core.experiment import build_config, format_markdown, run_experiment
 
-    from bird_core.experiment import ExperimentConfig, format_markdown, run_experiment
-    from bird_core.methods import available_methods
-
-    config = ExperimentConfig.quick() if quick else ExperimentConfig()
-    changes: dict = {}
-    if (t := split_csv(teachers)) is not None:
-        bad = sorted(set(t) - {"cnn", "efficientnet"})
-        if bad:
-            raise typer.BadParameter(f"unknown teacher(s) {bad}; use cnn, efficientnet")
-        changes["teachers"] = t
-    if (m := split_csv(methods)) is not None:
-        bad = sorted(set(m) - set(available_methods()))
-        if bad:
-            raise typer.BadParameter(
-                f"unknown method(s) {bad}; valid: {', '.join(available_methods())}"
-            )
-        changes["methods"] = m
-    if seeds is not None:
-        changes["seeds"] = tuple(range(seeds))
-    if train_size is not None:
-        changes["train_size"] = train_size
-    if epochs is not None:
-        changes["student_train"] = replace(config.student_train, epochs=epochs)
-    config = replace(config, **changes)
+    try:
+        config = build_config(
+            preset_name="quick" if quick else preset,
+            dataset=dataset,
+            teachers=split_csv(teachers),
+            variants=split_csv(methods),
+            variant_definitions=variant or (),
+            comparisons=compare,
+            seeds=seeds,
+            train_size=train_size,
+            epochs=epochs,
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
     results = run_experiment(config, out_dir=out)
     typer.echo(format_markdown(results))
     typer.echo(

@@ -47,7 +47,14 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "mfd": {"lambda_f": "float", "sigma": "float", "lambda_kd": "float", "temperature": "float"},
     "bird": {
         "inner_lr": "float",
+        "inner_steps": "int",
         "phi_lr": "float",
+        "phi_optimizer": ("sgd", "adam"),
+        "freeze_gate": "bool",
+        "gate_init": "float",
+        "gate_logits": "bool",
+        "gate_reference": ("zero", "mean"),
+        "feature_loss_norm": ("mean", "standardised"),
         "lambda_kd": "float",
         "lambda_logit": "float",
         "temperature": "float",
@@ -58,7 +65,6 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
         "meta_batch_size": "int|None",
         "meta_sampling": ("balanced", "random"),
         "virtual_params": ("head", "all"),
-        "gate_init": "float",
     },
 }
 
@@ -77,6 +83,10 @@ def _check_option(method: str, key: str, value: Any, kind: Any) -> None:
             raise ValueError(f"option {key} of {method!r} must be one of {list(kind)}")
         return
     if kind == "int|None" and value is None:
+        return
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"option {key} of {method!r} must be true or false")
         return
     if kind.startswith("int"):
         if isinstance(value, bool) or not isinstance(value, int):
@@ -251,7 +261,7 @@ class SearchSpec(_Strict):
 
     space: dict[str, Distribution] = Field(
         default_factory=lambda: {
-            "phi_lr": Distribution(kind="loguniform", low=1.0, high=1000.0),
+            "phi_lr": Distribution(kind="loguniform", low=0.005, high=0.5),  # Adam steps on φ
             "lambda_kd": Distribution(kind="uniform", low=0.1, high=3.0),
             "gamma": Distribution(kind="uniform", low=0.5, high=10.0),
             "lambda_fair": Distribution(kind="uniform", low=0.5, high=10.0),

@@ -545,6 +545,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         meta_split, meta_features = _split_from_rows(
             _collect_rows(ray.train.get_dataset_shard("meta")), plan.image_shape
         )
+        if meta_features is not None:
+            # Every rank holds the same held-out rows, so every rank fits the same state.
+            method.fit_to_teacher(meta_features.embedding, meta_features.logits)
     val_split = None
     if rank == 0:
         val_split, _ = _split_from_rows(
@@ -632,6 +635,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # The attempt lost the job: end without a checkpoint, a report or a publication.
             return
         train_means = {k: v / max(done, 1) for k, v in sums.items()}
+        train_means.update(method.epoch_metrics())  # BIRD: the gate's state and mean |∇φ|
         divergence = _rank_divergence(student, method, world)
         metrics: dict[str, Any] = {"epoch": epoch + 1, "stopped": stopped}
         if rank != 0:

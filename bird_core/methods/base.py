@@ -112,6 +112,22 @@ class Method(nn.Module):
         """
         return {}
 
+    def fit_to_teacher(
+        self, teacher_embedding: torch.Tensor, teacher_logits: torch.Tensor | None
+    ) -> dict[str, float]:
+        """Learn what the method needs of the teacher itself, before training, from the teacher's
+        outputs on the held-out meta rows (BIRD: the teacher's head, to gate its logits).
+
+        Deterministic, so every rank fitting the same rows ends up with the same state. Returns
+        facts worth logging; the default does nothing.
+        """
+        return {}
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Per-epoch facts about the method's own state (BIRD: the gate), logged with the loss
+        parts of the epoch just finished; the default has none."""
+        return {}
+
     def check_student(self, student: Net) -> None:
         """Raise a clear error if ``student`` cannot be trained with this method."""
 

@@ -20,10 +20,11 @@ L_feat acts on the embedding layer's output).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -34,6 +35,8 @@ from bird_core.fairdistill import FairDistill
 from bird_core.losses import kd_loss, probabilities, soft_equal_opportunity_gap, task_loss
 from bird_core.methods.base import Batch, Method, MethodOptions, StepContext, require
 from bird_core.models import Net, NetOutput
+
+GATE_HISTOGRAM_BINS = 10  # bins of the gate histogram a checkpoint records
 
 
 @contextmanager
@@ -56,12 +59,28 @@ def running_stats_frozen(module: torch.nn.Module) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class BIRDOptions(MethodOptions):
-    """BIRD's options; their meaning and defaults are documented in docs/methods.md ("BIRD")."""
+    """BIRD's options; the defaults and how they were chosen are in docs/methods.md."""
 
     inner_lr: float = 0.1  # α, Stage I step size
-    phi_lr: float = 100.0  # β, the φ learning rate (meta-gradients on φ are small)
+    inner_steps: int = 1  # virtual steps of Stage I
+    phi_lr: float = 0.05  # β, the φ learning rate; 0 keeps φ fixed but still measures ∇φ
+    # "sgd": φ ← φ − β∇φ; "adam": Adam on φ (the meta-gradient's scale varies by orders of
+    # magnitude across settings; Adam's step does not).
+    phi_optimizer: Literal["sgd", "adam"] = "adam"
+    freeze_gate: bool = False  # skip Stages I–II: φ stays at gate_init (the ablation)
+    gate_init: float = 0.0  # initial φ: sigmoid(0) = 0.5, where the gate is most sensitive
+    # Gate the teacher's logits as well: the KD target becomes the teacher's prediction from its
+    # gated features (needs the teacher's head, fitted from the held-out rows). Gating only the
+    # features never reached the student's predictions in our measurements (docs/results.md).
+    gate_logits: bool = True
+    # "zero": closing a dimension sets the teacher feature to 0; "mean": to its mean over the
+    # held-out rows (the gate scales only each sample's deviation from the mean).
+    gate_reference: Literal["zero", "mean"] = "zero"
+    # "mean": L_feat averages squared errors over dimensions; "standardised": each dimension's
+    # error is divided by the teacher feature's standard deviation first.
+    feature_loss_norm: Literal["mean", "standardised"] = "mean"
     lambda_kd: float = 1.0  # weight of L_feat
-    lambda_logit: float = 1.0  # weight of logit KD where teacher logits exist
+    lambda_logit: float = 5.0  # weight of logit KD (to the gated logits with gate_logits)
     temperature: float = 3.0
     gamma: float = 5.0  # weight of L_fair in L_outer
     lambda_fair: float = 5.0  # weight of L_fair in L_joint
@@ -72,27 +91,33 @@ class BIRDOptions(MethodOptions):
     # sees the minority group; "random": uniform over the held-out slice.
     meta_sampling: Literal["balanced", "random"] = "balanced"
     virtual_params: Literal["head", "all"] = "head"
-    gate_init: float = 4.0  # sigmoid(4) ≈ 0.98: the gate starts open
 
     def __post_init__(self) -> None:
-        self._check_positive("inner_lr", "phi_lr", "lambda_kd", "temperature")
-        self._check_positive("lambda_logit", "gamma", "lambda_fair", allow_zero=True)
+        self._check_positive("inner_lr", "lambda_kd", "temperature")
+        self._check_positive("phi_lr", "lambda_logit", "gamma", "lambda_fair", allow_zero=True)
+        if not math.isfinite(self.gate_init) or abs(self.gate_init) > 50:
+            raise ValueError(
+                f"option gate_init must be a number in [-50, 50], got {self.gate_init}"
+            )
         if not 0.0 < self.meta_fraction < 1.0:
             raise ValueError(f"option meta_fraction must be in (0, 1), got {self.meta_fraction}")
-        if not isinstance(self.meta_interval, int) or self.meta_interval < 1:
-            raise ValueError(
-                f"option meta_interval must be an integer >= 1, got {self.meta_interval!r}"
-            )
+        for name in ("meta_interval", "inner_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"option {name} must be an integer >= 1, got {value!r}")
         if self.meta_batch_size is not None and self.meta_batch_size < 2:
             raise ValueError(f"option meta_batch_size must be >= 2, got {self.meta_batch_size}")
-        if self.meta_sampling not in ("balanced", "random"):
-            raise ValueError(
-                f"option meta_sampling must be 'balanced' or 'random', got {self.meta_sampling!r}"
-            )
-        if self.virtual_params not in ("head", "all"):
-            raise ValueError(
-                f"option virtual_params must be 'head' or 'all', got {self.virtual_params!r}"
-            )
+        for name, allowed in (
+            ("meta_sampling", ("balanced", "random")),
+            ("virtual_params", ("head", "all")),
+            ("phi_optimizer", ("sgd", "adam")),
+            ("gate_reference", ("zero", "mean")),
+            ("feature_loss_norm", ("mean", "standardised")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"option {name} must be one of {list(allowed)}, got {getattr(self, name)!r}"
+                )
 
 
 class BIRD(Method):
@@ -105,13 +130,39 @@ class BIRD(Method):
     def setup(
         self, *, student_dim: int, teacher_dim: int | None, num_classes: int, task: Task
     ) -> None:
-        """Create the gate φ and the projector P."""
+        """Create the gate φ and the projector P (and φ's Adam moments with ``adam``)."""
         super().setup(
             student_dim=student_dim, teacher_dim=teacher_dim, num_classes=num_classes, task=task
         )
         assert teacher_dim is not None
         opts: BIRDOptions = self.options  # type: ignore[assignment]
-        self.fair = FairDistill(student_dim, teacher_dim, gate_init=opts.gate_init)
+        gate_logits = opts.gate_logits and task != "multilabel"
+        self.fair = FairDistill(
+            student_dim,
+            teacher_dim,
+            gate_init=opts.gate_init,
+            num_classes=num_classes if gate_logits else None,
+            centred=opts.gate_reference == "mean",
+            standardised=opts.feature_loss_norm == "standardised",
+        )
+        if opts.phi_optimizer == "adam":
+            # Buffers, so a checkpoint carries them and a resumed run continues the same Adam.
+            self.register_buffer("phi_exp_avg", torch.zeros(teacher_dim))
+            self.register_buffer("phi_exp_avg_sq", torch.zeros(teacher_dim))
+            self.register_buffer("phi_steps", torch.zeros((), dtype=torch.long))
+        self._grad_norms: list[float] = []
+
+    def fit_to_teacher(
+        self, teacher_embedding: torch.Tensor, teacher_logits: torch.Tensor | None
+    ) -> dict[str, float]:
+        """Fit what the gate needs from the teacher's outputs on these rows (the held-out
+        slice): the features' mean and scale, and with ``gate_logits`` the teacher's head W_T."""
+        self.fair.fit_statistics(teacher_embedding)
+        if not self.fair.gates_logits or teacher_logits is None:
+            return {}
+        return {
+            "teacher_head_residual": self.fair.fit_teacher_head(teacher_embedding, teacher_logits)
+        }
 
     def check_student(self, student: Net) -> None:
         """``virtual_params="head"`` needs an embedding layer for φ to reach θ'."""
@@ -134,7 +185,7 @@ class BIRD(Method):
         task: str,
         phi: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """L_inner = CE + λ_kd·L_feat(θ, φ) (+ λ_logit·KD)."""
+        """L_inner = CE + λ_kd·L_feat(θ, φ) (+ λ_logit·KD, to gated logits with ``gate_logits``)."""
         opts: BIRDOptions = self.options  # type: ignore[assignment]
         teacher = require(batch.teacher_embedding, "teacher features", self.name)
         ce = task_loss(logits, batch.label, task)  # type: ignore[arg-type]
@@ -142,7 +193,11 @@ class BIRD(Method):
         total = ce + opts.lambda_kd * feat
         parts = {"ce": ce, "feat": feat}
         if opts.lambda_logit > 0 and batch.teacher_logits is not None and task != "multilabel":
-            kd = kd_loss(logits, batch.teacher_logits, opts.temperature)
+            target = batch.teacher_logits
+            if self.fair.gates_logits:
+                target = self.fair.gated_logits(teacher, batch.teacher_logits, phi)
+            # The gated target depends on φ: keep its graph for the meta-gradient.
+            kd = kd_loss(logits, target, opts.temperature, detach_teacher=False)
             total = total + opts.lambda_logit * kd
             parts["kd"] = kd
         return total, parts
@@ -184,7 +239,7 @@ class BIRD(Method):
         task: str,
         train_pooled: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """L_outer(θ'(φ)) for a given φ: the virtual step (Stage I) then the meta loss.
+        """L_outer(θ'(φ)) for a given φ: the virtual step(s) (Stage I) then the meta loss.
 
         With ``virtual_params="head"``, ``train_pooled`` (the body's output on ``batch`` from
         the joint step's own forward pass) saves recomputing it. Exposed separately so a
@@ -217,12 +272,14 @@ class BIRD(Method):
             out = functional_call(module, {**weights, **buffers}, (x,), args)
             return (out.embedding, out.logits) if isinstance(out, NetOutput) else out
 
-        embedding, logits = run(params, inputs)
-        inner, _ = self.inner_loss(embedding, logits, batch, task, phi)
-        grads = torch.autograd.grad(inner, list(params.values()), create_graph=True)
-        virtual = {
-            n: p - opts.inner_lr * g for (n, p), g in zip(params.items(), grads, strict=True)
-        }
+        virtual: dict[str, torch.Tensor] = params
+        for _ in range(opts.inner_steps):
+            embedding, logits = run(virtual, inputs)
+            inner, _ = self.inner_loss(embedding, logits, batch, task, phi)
+            grads = torch.autograd.grad(inner, list(virtual.values()), create_graph=True)
+            virtual = {
+                n: p - opts.inner_lr * g for (n, p), g in zip(virtual.items(), grads, strict=True)
+            }
         _, meta_logits = run(virtual, meta_inputs)
         return self.outer_loss(meta_logits, meta_batch, task)
 
@@ -236,7 +293,7 @@ class BIRD(Method):
     ) -> dict[str, float]:
         """Stages I and II: one meta-gradient step on φ (every ``meta_interval`` steps)."""
         opts: BIRDOptions = self.options  # type: ignore[assignment]
-        if ctx.step % opts.meta_interval != 0:
+        if opts.freeze_gate or ctx.step % opts.meta_interval != 0:
             return {}
         phi = self.fair.phi.detach().clone().requires_grad_(True)
         outer = self.outer_loss_of_phi(student, batch, meta_batch, phi, ctx.task, train_pooled)
@@ -246,14 +303,61 @@ class BIRD(Method):
             dist.all_reduce(grad, op=dist.ReduceOp.SUM)
             grad /= dist.get_world_size()
         with torch.no_grad():
-            self.fair.phi.sub_(opts.phi_lr * grad)
-        return {"outer": float(outer.detach()), "gate_mean": float(self.fair.gate.mean())}
+            self.fair.phi.sub_(self._phi_update(grad).to(self.fair.phi.dtype))
+        grad_norm = float(grad.norm())
+        self._grad_norms.append(grad_norm)
+        return {"outer": float(outer.detach()), "phi_grad_norm": grad_norm}
 
-    def extra_state_for_checkpoint(self) -> dict[str, float]:
-        """Summary of the learned gate."""
-        gate = self.fair.gate.detach()
+    @torch.no_grad()
+    def _phi_update(self, grad: torch.Tensor) -> torch.Tensor:
+        """The step subtracted from φ: β·g (``sgd``) or Adam's step (``adam``)."""
+        opts: BIRDOptions = self.options  # type: ignore[assignment]
+        if opts.phi_optimizer == "sgd":
+            return opts.phi_lr * grad
+        beta1, beta2, eps = 0.9, 0.999, 1e-8
+        grad = grad.to(self.phi_exp_avg.dtype)
+        self.phi_steps += 1
+        self.phi_exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+        self.phi_exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        t = int(self.phi_steps)
+        m_hat = self.phi_exp_avg / (1 - beta1**t)
+        v_hat = self.phi_exp_avg_sq / (1 - beta2**t)
+        return opts.phi_lr * m_hat / (v_hat.sqrt() + eps)
+
+    # -- what the gate did -------------------------------------------------------------------
+
+    def gate_summary(self) -> dict[str, float]:
+        """The gate's distribution now: min, quantiles, max, mean, dimensions below 0.5."""
+        gate = self.fair.gate.detach().float().cpu()
+        q = torch.quantile(gate, torch.tensor([0.1, 0.5, 0.9]))
         return {
-            "gate_mean": float(gate.mean()),
             "gate_min": float(gate.min()),
+            "gate_p10": float(q[0]),
+            "gate_median": float(q[1]),
+            "gate_p90": float(q[2]),
             "gate_max": float(gate.max()),
+            "gate_mean": float(gate.mean()),
+            "gate_below_half": float((gate < 0.5).sum()),
         }
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Per epoch: the gate's distribution at the epoch's end and the mean |∇φ| of its steps."""
+        out = self.gate_summary()
+        if self._grad_norms:
+            out["phi_grad_norm"] = sum(self._grad_norms) / len(self._grad_norms)
+        self._grad_norms = []
+        return out
+
+    def extra_state_for_checkpoint(self) -> dict[str, Any]:
+        """The learned gate: its summary and a histogram of sigmoid(φ) over [0, 1]."""
+        gate = self.fair.gate.detach().float().cpu()
+        counts = torch.histc(gate, bins=GATE_HISTOGRAM_BINS, min=0.0, max=1.0)
+        edges = torch.linspace(0.0, 1.0, GATE_HISTOGRAM_BINS + 1)
+        summary: dict[str, Any] = dict(self.gate_summary())
+        summary["gate_below_half"] = int(summary["gate_below_half"])
+        summary["gate_dims"] = int(gate.numel())
+        summary["gate_histogram"] = {
+            "edges": [round(float(e), 4) for e in edges],
+            "counts": [int(c) for c in counts],
+        }
+        return summary

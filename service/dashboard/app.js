@@ -17,6 +17,20 @@
   const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
   const CANCELLABLE = new Set(["queued", "running"]);
   const METHODS = ["bird", "bkd", "fitnet", "at", "ad", "mfd", "none"];
+  // BIRD's per-epoch gate statistics (train split): plotted on their own chart.
+  const GATE_QUANTILES = [
+    ["gate_min", "min"],
+    ["gate_p10", "10th percentile"],
+    ["gate_median", "median"],
+    ["gate_p90", "90th percentile"],
+    ["gate_max", "max"],
+  ];
+  const GATE_METRICS = new Set([
+    ...GATE_QUANTILES.map(([name]) => name),
+    "gate_mean",
+    "gate_below_half",
+    "phi_grad_norm",
+  ]);
   const PALETTE = [
     "#2563eb",
     "#dc2626",
@@ -566,6 +580,15 @@
       class: "chart",
       "data-testid": "chart-train",
     });
+    // BIRD's gate sigmoid(φ) over epochs; shown only for jobs that report it.
+    const gateChart = h("div", { id: "chart-gate", class: "chart", "data-testid": "chart-gate" });
+    const gateFigure = h(
+      "figure",
+      { id: "gate-figure" },
+      h("figcaption", {}, "BIRD's gate sigmoid(φ) per epoch: quantiles over the dimensions"),
+      gateChart,
+    );
+    gateFigure.hidden = true;
     const groups = h("div", { id: "groups-body" });
     const trialsBody = h("div", { id: "trials-body" });
     const trialsSection = section("trials", "Search trials", trialsBody);
@@ -596,6 +619,7 @@
             valChart,
           ),
           h("figure", {}, h("figcaption", {}, "Training loss parts per epoch"), trainChart),
+          gateFigure,
         ),
       ),
       section("groups", "Per-group results (latest)", groups),
@@ -616,6 +640,8 @@
       trialPicker,
       valChart,
       trainChart,
+      gateChart,
+      gateFigure,
       groups,
       trialsSection,
       trialsBody,
@@ -907,9 +933,9 @@
       }),
     );
 
-    // Every train metric, "loss" (the total) first.
+    // Every train loss part, "loss" (the total) first; the gate's statistics have their chart.
     const names = seriesNames(m, trial, "train")
-      .filter((n) => !n.startsWith("group/"))
+      .filter((n) => !n.startsWith("group/") && !GATE_METRICS.has(n))
       .sort((a, b) => (a === "loss" ? -1 : b === "loss" ? 1 : a.localeCompare(b)));
     fill(
       ctx.els.trainChart,
@@ -924,6 +950,40 @@
           axis: "left",
           points: seriesPoints(m, trial, "train", name),
         })),
+      }),
+    );
+    drawGate(ctx, m, trial);
+  }
+
+  // The gate's quantiles on the left axis (0 to 1), dimensions below 0.5 on the right.
+  function drawGate(ctx, m, trial) {
+    const quantiles = GATE_QUANTILES.map(([name, label], i) => ({
+      name,
+      label,
+      color: PALETTE[i % PALETTE.length],
+      axis: "left",
+      points: seriesPoints(m, trial, "train", name),
+    }));
+    const below = {
+      name: "gate_below_half",
+      label: "dimensions below 0.5 (right axis)",
+      color: PALETTE[GATE_QUANTILES.length % PALETTE.length],
+      axis: "right",
+      points: seriesPoints(m, trial, "train", "gate_below_half"),
+      dashed: true,
+    };
+    const present = [...quantiles, below].filter((s) => s.points.length);
+    ctx.els.gateFigure.hidden = present.length === 0;
+    if (!present.length) return;
+    fill(
+      ctx.els.gateChart,
+      lineChart({
+        id: "svg-gate",
+        xLabel: "epoch",
+        leftLabel: "sigmoid(φ)",
+        rightLabel: below.points.length ? "dimensions < 0.5" : undefined,
+        leftDomain: [0, 1],
+        series: present,
       }),
     );
   }
@@ -1567,7 +1627,7 @@
   }
 
   // Line chart with a left axis and an optional right axis; nulls (NaN) break the line.
-  function lineChart({ id, series, xLabel, leftLabel, rightLabel }) {
+  function lineChart({ id, series, xLabel, leftLabel, rightLabel, leftDomain }) {
     const W = 640;
     const H = 280;
     const M = { top: 14, right: rightLabel ? 64 : 20, bottom: 44, left: 64 };
@@ -1591,7 +1651,7 @@
     for (const side of ["left", "right"]) {
       const ys = series.filter((s) => s.axis === side).flatMap((s) => s.points.map(([, y]) => y));
       if (!ys.length) continue;
-      const dom = domain(ys);
+      const dom = side === "left" && leftDomain ? leftDomain : domain(ys);
       axes[side] = { dom, Y: scale(dom, [H - M.bottom, M.top]) };
     }
     const g = svg("g", { class: "axes" });

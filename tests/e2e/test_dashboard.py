@@ -4,6 +4,7 @@ A user signs in with an API key, submits a job through the form (after one the s
 finds it in the jobs list, opens it and watches it run: state, stage and progress, the metric
 curves growing epoch by epoch, the per-group table and bars, the search trials with their Pareto
 front, the events, and finally downloads the checkpoint and gets the bytes that were published.
+BIRD's gate is plotted from the metrics of a real (tiny) BIRD training run.
 
 The worker process is played by :func:`_play_worker` through the real queue functions, in a
 thread of the test process, so that the browser sees exactly what a worker would produce.
@@ -25,10 +26,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from playwright.sync_api import Page, expect
 
+from bird_core.data.base import DatasetSplits
+from bird_core.methods import create_method
+from bird_core.models import create_model
+from bird_core.preprocess import Preprocessor
+from bird_core.train import TrainConfig, compute_teacher_features, fit
 from service import queue
 from tests.integration.api_fixtures import LiveAPI
+from workers.sinks import EpochRecord, metric_rows
 
 WORKER_ID = "e2e-stand-in-worker"
 LEASE_S = 60
@@ -408,6 +416,7 @@ def test_local_store_download_cancel_and_unknown_job(
     expect(page.locator("#job-state")).to_have_text("succeeded")
     expect(page.locator("#job-stage")).to_have_text("uploading (last)")
     expect(page.locator("#trials")).to_be_hidden()  # no search, no trials section
+    expect(page.locator("#gate-figure")).to_be_hidden()  # no gate metrics, no gate chart
     _expect_points(page, '#chart-val path.series[data-series="auroc"]', EPOCHS)
     assert _download(page, '#checkpoints a.download[data-name="best"]', tmp_path) == checkpoint
 
@@ -454,4 +463,80 @@ def test_wrong_key_shows_the_key_screen_with_an_error(
     page.click("#sign-out")
     expect(page.locator("#key-screen")).to_be_visible()
     assert page.evaluate("localStorage.getItem('bird.apiKey')") is None
+    assert not js_errors, js_errors
+
+
+def _real_bird_epochs(data: DatasetSplits) -> list[dict[str, Any]]:
+    """Metric rows of a real (tiny) BIRD run: bird_core's ``fit`` with a learning gate, each
+    epoch turned into the rows a worker records (``workers.sinks.metric_rows``)."""
+    preprocess = Preprocessor.from_config(data.preprocessing)
+    torch.manual_seed(0)
+    teacher = create_model("resnet18", data.num_classes, width=4)
+    features = compute_teacher_features(teacher, preprocess, data.train, batch_size=64)
+    student = create_model("small_cnn", data.num_classes, width=4, embed_dim=8)
+    method = create_method("bird", phi_optimizer="adam", phi_lr=0.5, gate_logits=True)
+    method.setup(
+        student_dim=8,
+        teacher_dim=features.embedding.shape[1],
+        num_classes=data.num_classes,
+        task=data.task,
+    )
+    config = TrainConfig(epochs=EPOCHS, batch_size=16, max_steps_per_epoch=3)
+    result = fit(student, method, data, config, preprocess=preprocess, train_features=features)
+    rows: list[dict[str, Any]] = []
+    for epoch in result.epochs:
+        record = EpochRecord(
+            epoch=epoch.epoch + 1,
+            step=3 * (epoch.epoch + 1),
+            train=epoch.train,
+            val=epoch.val,
+            objective=epoch.val["auroc"],
+            seconds=epoch.seconds,
+        )
+        rows += metric_rows(record)
+    return rows
+
+
+def test_gate_chart_plots_the_gate_of_a_real_bird_run(
+    page: Page,
+    live_api_local: LiveAPI,
+    tiny_dataset_local: str,
+    tiny_image_data: DatasetSplits,
+    js_errors: list[str],
+    artifacts_dir: Path,
+) -> None:
+    rows = _real_bird_epochs(tiny_image_data)
+    gate = {
+        (row["name"], row["epoch"]): row["value"]
+        for row in rows
+        if row["split"] == "train" and row["name"].startswith("gate_")
+    }
+    assert gate[("gate_min", EPOCHS)] < gate[("gate_max", EPOCHS)], "the gate did not move"
+    job_id = _submit(
+        live_api_local, {"dataset": {"uri": tiny_dataset_local}, "method": {"name": "bird"}}
+    )
+    with live_api_local.session() as session:
+        assert queue.claim(session, WORKER_ID, LEASE_S) is not None
+        queue.record_metrics(session, job_id, rows)
+        queue.finish(session, job_id, WORKER_ID)
+
+    _sign_in(page, live_api_local)
+    page.goto(f"{live_api_local.base_url}/ui/#/jobs/{job_id}")
+    expect(page.locator("#job-state")).to_have_text("succeeded")
+    expect(page.locator("#gate-figure")).to_be_visible()
+    for name in ("gate_min", "gate_p10", "gate_median", "gate_p90", "gate_max", "gate_below_half"):
+        _expect_points(page, f'#chart-gate path.series[data-series="{name}"]', EPOCHS)
+    # Each point carries the recorded value (the dashboard rounds to 4 decimals).
+    for epoch in range(1, EPOCHS + 1):
+        median_points = '#chart-gate path.series[data-series="gate_median"] + g.points circle'
+        title = page.locator(median_points).nth(epoch - 1).locator("title")
+        expect(title).to_have_text(
+            f"gate_median @ epoch {epoch}: {round(gate[('gate_median', epoch)], 4)}"
+        )
+    # The left axis spans the gate's whole range; the loss chart no longer carries the gate.
+    expect(page.locator("#chart-gate .legend")).to_contain_text("dimensions below 0.5")
+    expect(page.locator('#chart-train path.series[data-series="gate_min"]')).to_have_count(0)
+    expect(page.locator('#chart-train path.series[data-series="phi_grad_norm"]')).to_have_count(0)
+    _expect_points(page, '#chart-train path.series[data-series="kd"]', EPOCHS)
+    page.screenshot(path=str(artifacts_dir / "dashboard-gate.png"), full_page=True)
     assert not js_errors, js_errors

@@ -110,6 +110,7 @@ def _trained_bird(
     features = TeacherFeatures(embedding=torch.randn(n, 6), logits=torch.randn(n, 3))
     method = create_method("bird")
     method.setup(student_dim=8, teacher_dim=6, num_classes=3, task="multiclass")
+    method.fit_to_teacher(features.embedding[80:], features.logits[80:])
     distiller = Distiller(student, method).train()
     optimizer = build_optimizer(student, method, TrainConfig(lr=1e-2))
     for step in range(steps):

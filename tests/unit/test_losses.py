@@ -263,7 +263,10 @@ def test_mmd_loss_gradient_reaches_student_not_teacher():
 def test_fairdistill_gate_init_and_phi_not_trainable():
     fd = FairDistill(student_dim=3, teacher_dim=5)
     assert fd.phi.shape == (5,)
-    assert torch.allclose(fd.phi, torch.full((5,), 4.0))
+    # φ starts at 0: sigmoid(0) = 0.5, where the gate is most sensitive
+    assert torch.equal(fd.phi, torch.zeros(5))
+    assert fd.gate.tolist() == [0.5] * 5
+    fd = FairDistill(student_dim=3, teacher_dim=5, gate_init=4.0)
     # sigmoid(4) = 1/(1 + e⁻⁴) = 0.98201379
     assert fd.gate.tolist() == pytest.approx([0.98201379] * 5, abs=1e-7)
     assert not fd.phi.requires_grad

@@ -25,7 +25,7 @@ def test_catalogue_kinds_match_option_types(name):
         elif kind == "int|None":
             assert set(typing.get_args(hint)) == {int, type(None)}, (name, option)
         else:
-            assert hint is {"float": float, "int": int}[kind], (name, option)
+            assert hint is {"float": float, "int": int, "bool": bool}[kind], (name, option)
 
 
 def test_minimal_spec_is_short_and_defaults_are_valid_options():
@@ -42,6 +42,9 @@ def test_minimal_spec_is_short_and_defaults_are_valid_options():
         ({"method": {"name": "bkd", "options": {"phi_lr": 1.0}}}, "unknown option"),
         ({"method": {"name": "bird", "options": {"meta_interval": 1.5}}}, "meta_interval"),
         ({"method": {"name": "bird", "options": {"virtual_params": "x"}}}, "virtual_params"),
+        ({"method": {"name": "bird", "options": {"freeze_gate": 1}}}, "freeze_gate"),
+        ({"method": {"name": "bird", "options": {"phi_optimizer": "lbfgs"}}}, "phi_optimizer"),
+        ({"method": {"name": "bird", "options": {"inner_steps": 2.5}}}, "inner_steps"),
         ({"training": {"epochs": 0}}, "epochs"),
         ({"training": {"lr": -1}}, "lr"),
         ({"resources": {"workers": 1000}}, "workers"),
