@@ -48,6 +48,24 @@ class Settings(BaseSettings):
     api_port: int = Field(default=8000, ge=1, le=65535, description="Port the API binds to.")
     lease_s: int = Field(default=60, ge=5, description="Job lease length; heartbeats renew it.")
     heartbeat_s: int = Field(default=10, ge=1, description="Seconds between worker heartbeats.")
+    max_body_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        description="Largest request body the API reads; a larger one is refused with 413.",
+    )
+    max_queued_per_tenant: int = Field(
+        default=100,
+        ge=1,
+        description="Queued jobs a tenant may have at once; a submit beyond it is refused with "
+        "429 and Retry-After.",
+    )
+    max_running_per_tenant: int | None = Field(
+        default=None,
+        ge=1,
+        description="Running jobs a tenant may have at once; the claim leaves the tenant's "
+        "other jobs queued. None: no limit (fair sharing still applies).",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("database_url")

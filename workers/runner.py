@@ -158,7 +158,12 @@ class Worker:
         with self.sessions() as session:
             for job_id in queue.reap(session):
                 log.info("job %s: lease expired, requeued or failed", job_id)
-        job = queue.claim(self.engine, self.worker_id, self.settings.lease_s)
+        job = queue.claim(
+            self.engine,
+            self.worker_id,
+            self.settings.lease_s,
+            max_running_per_tenant=self.settings.max_running_per_tenant,
+        )
         if job is None:
             return False
         log.info("job %s: claimed (attempt %s of %s)", job.id, job.attempts, job.max_attempts)

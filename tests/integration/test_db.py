@@ -51,7 +51,7 @@ def test_upgrade_is_idempotent(backend: str, request: pytest.FixtureRequest) -> 
     url: URL = request.getfixturevalue(f"{'pg' if backend == 'postgresql' else 'sqlite'}_empty_url")
     assert current_revision(url) is None
     upgrade(url)
-    assert current_revision(url) == head_revision() == "0001_initial"
+    assert current_revision(url) == head_revision() == "0002_fair_claim"
     upgrade(url)  # already at head: nothing to do, no error
     assert current_revision(url) == head_revision()
     engine = make_engine(url)
