@@ -17,7 +17,8 @@ connection. Writes get a transactional ORM session, committed by the queue opera
 the writing; they are never retried.
 
 Authentication reads ``Authorization: Bearer <key>`` itself (so that a missing, a malformed and
-an unknown key each get their own clear 401) and declares the scheme with
+an unknown key each get their own clear 401; a key in the query string is refused with a 401
+of its own, even next to a valid header) and declares the scheme with
 :class:`fastapi.security.HTTPBearer` so that the OpenAPI document and ``/docs`` know about it.
 The key is checked against the database on every request (nothing is cached: a revoked key is
 refused at once), before the request's parameters and body are validated. Keys are never logged
@@ -45,6 +46,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.api.edges import credential_in_query
 from service.auth import key_owner, may_be_key
 from service.settings import Settings
 from service.storage import (
@@ -310,7 +312,15 @@ def _unauthorized(detail: str) -> HTTPException:
 
 
 def _bearer_token(request: Request) -> str:
-    """The key of ``Authorization: Bearer <key>``; 401 when the header is missing or malformed."""
+    """The key of ``Authorization: Bearer <key>``; 401 when the header is missing or malformed,
+    or when the query string carries a key (whatever the header says)."""
+    parameter = credential_in_query(request.scope.get("query_string", b""))
+    if parameter is not None:
+        raise _unauthorized(
+            f"API keys are accepted only in the Authorization header, never in the URL "
+            f"(query parameter {parameter!r}): URLs are written to logs. Send "
+            "'Authorization: Bearer <API key>', and revoke a key that was sent in a URL."
+        )
     header = request.headers.get("authorization")
     if header is None or not header.strip():
         raise _unauthorized("missing Authorization header: send 'Authorization: Bearer <API key>'")

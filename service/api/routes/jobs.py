@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from service import queue
 from service.api.deps import AppState, Caller, DbDep, StateDep, UnresolvableURI
+from service.api.edges import invalid_text_at
 from service.api.schemas import (
     EventPublic,
     GroupRow,
@@ -36,6 +37,7 @@ from service.api.schemas import (
     MetricPoint,
     MetricsPublic,
     TrialPublic,
+    error_responses,
     finite,
 )
 from service.datasets import parse_metadata
@@ -54,11 +56,13 @@ from service.storage import (
 
 __all__ = ["JOB_ID_MAX", "JobId", "check_dataset", "owned_job_id", "router"]
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+# Every route: a key to check (401), parameters or a body to validate (422), a database to ask
+# (503).
+router = APIRouter(prefix="/jobs", tags=["jobs"], responses=error_responses(401, 422, 503))
 
-# Job ids are 32-bit integers in the database; bounding the path parameter turns an absurd id
-# into a 422 instead of a database overflow error.
-JOB_ID_MAX = 2**31 - 1
+# Job ids are drawn from 1 ... 2**31 - 1 (the id column is 32-bit); bounding the path parameter
+# turns an absurd id into a 422 instead of a database overflow error.
+JOB_ID_MAX = queue.JOB_ID_MAX
 # Row ids of metrics and logs are 64-bit.
 ROW_ID_MAX = 2**63 - 1
 # One metrics response carries at most this many points; clients page with ?since=.
@@ -74,7 +78,7 @@ Since = Annotated[
     Query(ge=0, le=ROW_ID_MAX, description="Only rows with an id above this (incremental polls)."),
 ]
 
-_NOT_FOUND = {404: {"description": "No such job (or it belongs to another tenant)."}}
+_NOT_FOUND = error_responses(404)
 
 
 _JOB_ID = bindparam("job_id")
@@ -153,6 +157,7 @@ def check_dataset(state: AppState, uri: str) -> None:
             raise HTTPException(
                 status.HTTP_503_SERVICE_UNAVAILABLE,
                 f"object store unavailable while checking dataset {uri!r}: {exc}",
+                headers={"Retry-After": "5"},
             ) from None
         raise _invalid(loc, f"cannot read dataset {uri!r} at {where}: {exc}", uri) from None
     try:
@@ -174,10 +179,16 @@ def check_dataset(state: AppState, uri: str) -> None:
     response_model=JobPublic,
     summary="Submit a job",
     responses={
-        200: {"description": "Idempotent replay: this Idempotency-Key already made this job."},
-        409: {"description": "The Idempotency-Key was used before with a different spec."},
-        422: {"description": "Invalid spec (field-level errors), or the dataset does not exist."},
-        503: {"description": "The object store could not be reached to check the dataset."},
+        200: {
+            "model": JobPublic,
+            "description": "Idempotent replay: this Idempotency-Key already made this job.",
+        },
+        **error_responses(
+            400,
+            409,
+            429,
+            _409="The Idempotency-Key was used before with a different spec.",
+        ),
     },
 )
 async def submit_job(
@@ -191,8 +202,12 @@ async def submit_job(
             alias="Idempotency-Key",
             min_length=1,
             max_length=200,
+            # Printable ASCII: a header's bytes reach the app as Latin-1, and anything else
+            # would be stored as something other than what the client meant.
+            pattern=r"^[ -~]+$",
             description="Repeat a submit safely: the same key and spec return the same job "
-            "(200); the same key with another spec is a 409.",
+            "(200); the same key with another spec is a 409. 1 … 200 printable ASCII "
+            "characters.",
         ),
     ] = None,
 ) -> JobPublic:
@@ -206,7 +221,16 @@ async def submit_job(
     bad = _non_finite(spec_python)
     if bad is not None:
         raise _invalid(("body", *bad), "NaN and infinities are not allowed", None)
+    bad = invalid_text_at(spec_python)
+    if bad is not None:
+        raise _invalid(
+            ("body", *bad),
+            "text must be valid Unicode: a lone UTF-16 surrogate (such as \\ud800) has no "
+            "UTF-8 encoding",
+            None,
+        )
     spec_json = spec.model_dump(mode="json")
+    max_queued = state.settings.max_queued_per_tenant
 
     def work(session: Session, caller: Caller) -> JobPublic:
         if idempotency_key is not None:
@@ -224,9 +248,10 @@ async def submit_job(
                 response.status_code = status.HTTP_200_OK
                 response.headers["Idempotent-Replayed"] = "true"
                 return JobPublic.from_job(existing)
-            # End the read transaction (and hand the connection back while the dataset is
-            # checked): submit() runs its own.
-            session.rollback()
+        # A full queue is refused before the dataset check costs a round trip to the store
+        # (submit() enforces the limit again, atomically). This also ends the read transaction,
+        # handing the connection back while the dataset is checked.
+        queue.check_queue_room(session, caller.tenant_id, max_queued)
         check_dataset(state, spec.dataset.uri)
         job = queue.submit(
             session,
@@ -235,6 +260,7 @@ async def submit_job(
             priority=spec.priority,
             max_attempts=spec.max_attempts,
             idempotency_key=idempotency_key,
+            max_queued=max_queued,
         )
         return JobPublic.from_job(job)
 
@@ -259,7 +285,11 @@ async def list_jobs(
             where.append(Job.state == state)
         total = connection.scalar(select(func.count()).select_from(Job).where(*where)) or 0
         rows = connection.execute(
-            select(Job.__table__).where(*where).order_by(Job.id.desc()).limit(limit).offset(offset)
+            select(Job.__table__)
+            .where(*where)
+            .order_by(Job.created_at.desc(), Job.id.desc())
+            .limit(limit)
+            .offset(offset)
         ).all()
         items = [JobPublic.from_job(row) for row in rows]
         return JobList(items=items, total=total, limit=limit, offset=offset)
@@ -286,9 +316,11 @@ async def get_job(job_id: JobId, db: DbDep) -> JobPublic:
     response_model=JobPublic,
     summary="Cancel a job",
     responses={
-        **_NOT_FOUND,
-        202: {"description": "The job is running: now cancelling, its worker will stop it."},
-        409: {"description": "The job already finished."},
+        202: {
+            "model": JobPublic,
+            "description": "The job is running: now cancelling, its worker will stop it.",
+        },
+        **error_responses(404, 409, _409="The job already finished."),
     },
 )
 async def cancel_job(job_id: JobId, response: Response, db: DbDep) -> JobPublic:
