@@ -35,15 +35,20 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Engine,
+    Integer,
     Interval,
     Update,
+    any_,
+    cast,
     func,
     insert,
     literal,
     select,
+    true,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -121,6 +126,10 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 # (at a million stored jobs, one draw in 2,000) is drawn again.
 JOB_ID_MAX = 2**31 - 1
 _ID_DRAWS = 8
+# How many of each tenant's queued jobs a claim on PostgreSQL ranks (see _fair_queue): enough
+# for that many claimers at once to pass over each other's locked rows. More claimers than
+# that racing for one tenant's jobs may find nothing and poll again.
+_CLAIM_DEPTH = 32
 
 # Optimistic compare-and-set retries: each retry means another transition won a race for the
 # same job, and a job has only a handful of states, so a few rounds always settle it.
@@ -519,7 +528,7 @@ def cancel(session: Session, job_id: int, tenant_id: int) -> Job:
 # --- the worker side --------------------------------------------------------------------------
 
 
-def _fair_queue() -> Any:
+def _fair_queue(dialect: str) -> Any:
     """The queued jobs in the order a fair claim takes them, as a subquery (id, turn, created_at).
 
     A tenant's queued jobs are ranked by their ``priority`` (highest first), then age: priority
@@ -530,6 +539,12 @@ def _fair_queue() -> Any:
     shares take turns in the order their jobs were submitted. A claimer that skips a job being
     claimed by another finds the next one in the same order. (A per-tenant limit on running
     jobs is a bound on the turn: see :func:`claim`.)
+
+    The lowest turn is always some tenant's first job, so on PostgreSQL, where claims run
+    concurrently, only each tenant's first :data:`_CLAIM_DEPTH` queued jobs are ranked (one
+    index probe per tenant, ``LATERAL``) rather than the whole queue; the jobs after them would
+    only matter to a claimer that found that many of one tenant's jobs locked by others. SQLite
+    (one writer, the embedded default) ranks every queued job.
     """
     active = (
         select(Job.tenant_id, func.count().label("jobs"))
@@ -537,6 +552,29 @@ def _fair_queue() -> Any:
         .group_by(Job.tenant_id)
         .subquery("active")
     )
+    if dialect == "postgresql":
+        first = (
+            select(Job.id, Job.priority, Job.created_at)
+            .where(Job.tenant_id == Tenant.id, Job.state == JobState.QUEUED)
+            .order_by(Job.priority.desc(), Job.created_at, Job.id)
+            .limit(_CLAIM_DEPTH)
+            .lateral("first")
+        )
+        rank = func.row_number().over(
+            partition_by=Tenant.id,
+            order_by=(first.c.priority.desc(), first.c.created_at, first.c.id),
+        )
+        return (
+            select(
+                first.c.id,
+                first.c.created_at,
+                (func.coalesce(active.c.jobs, 0) + rank).label("turn"),
+            )
+            .select_from(Tenant)
+            .join(first, true())
+            .outerjoin(active, active.c.tenant_id == Tenant.id)
+            .subquery("ranked")
+        )
     rank = func.row_number().over(
         partition_by=Job.tenant_id, order_by=(Job.priority.desc(), Job.created_at, Job.id)
     )
@@ -565,22 +603,30 @@ def _claim_statement(
         "updated_at": now,
         "stage": None,
     }
-    fair = _fair_queue()
+    fair = _fair_queue(_dialect(session))
     order = (fair.c.turn, fair.c.created_at, fair.c.id)
     allowed = [fair.c.turn <= max_running] if max_running is not None else []
     if _dialect(session) == "postgresql":
-        # A CTE with FOR UPDATE is evaluated exactly once (a plain ``id = (subquery)`` may be
-        # re-run by the planner), and SKIP LOCKED lets concurrent claimers pass over the row
-        # another claimer is taking instead of queueing behind its lock. The ranking is a
-        # subquery of its own because PostgreSQL locks no rows of a query with window
-        # functions; only the ``jobs`` rows of this outer query are locked.
+        # The candidates, best first, as one array computed once. The locking query then reads
+        # the jobs table alone, by primary key: PostgreSQL locks no rows of a query with window
+        # functions, and a claimer that meets a row another claimer changed re-checks it
+        # against that query only. SKIP LOCKED passes over a row another claimer is taking
+        # instead of queueing behind its lock; the CTE with FOR UPDATE runs exactly once.
+        ranked = (
+            select(
+                func.array_agg(aggregate_order_by(fair.c.id, *order)).label("ids"),
+            )
+            .where(*allowed)
+            .cte("ranked")
+        )
+        # An array value, not a subquery's rows: ``id = ANY (array)`` probes the primary key.
+        candidates = cast(select(ranked.c.ids).scalar_subquery(), postgresql.ARRAY(Integer))
         next_job = (
             select(Job.id)
-            .join(fair, fair.c.id == Job.id)
-            .where(Job.state == JobState.QUEUED, *allowed)
-            .order_by(*order)
+            .where(Job.id == any_(candidates), Job.state == JobState.QUEUED)
+            .order_by(func.array_position(candidates, Job.id))
             .limit(1)
-            .with_for_update(skip_locked=True, of=Job)
+            .with_for_update(skip_locked=True)
             .cte("next")
         )
         return (

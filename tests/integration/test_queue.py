@@ -598,6 +598,19 @@ def test_the_claim_is_fair_across_three_tenants(db_session: Session) -> None:
     ]
 
 
+def test_a_long_queue_is_claimed_in_order_and_a_newcomer_gets_its_turn(
+    db_session: Session,
+) -> None:
+    # More queued jobs than a claim ranks per tenant on PostgreSQL (32): later ones move up.
+    a, b = new_tenant(db_session, "a"), new_tenant(db_session, "b")
+    a_jobs = [queue.submit(db_session, a, {"n": n}, priority=n % 2).id for n in range(45)]
+    b_job = queue.submit(db_session, b, {"n": 0}).id
+    by_priority = [job for n, job in enumerate(a_jobs) if n % 2] + [
+        job for n, job in enumerate(a_jobs) if not n % 2
+    ]
+    assert claim_all(db_session) == [by_priority[0], b_job, *by_priority[1:]]
+
+
 def test_a_tenants_running_limit_holds_its_jobs_back(db_session: Session) -> None:
     a, b = new_tenant(db_session, "a"), new_tenant(db_session, "b")
     a_jobs = [queue.submit(db_session, a, {"n": n}).id for n in range(4)]
