@@ -96,7 +96,7 @@ def _serve(kind: str, port: int, http: str, loop: str) -> None:
         from service.api import create_app
 
         app = create_app(settings)
-    # What `bird serve` runs (service/cli.py), plus the parser/loop choice (uvicorn's default is
+    # What `bird serve` runs (cli/serve.py), plus the parser/loop choice (uvicorn's default is
     # "auto" for both, which is what `bird serve` gets).
     uvicorn.run(
         app, host="127.0.0.1", port=port, log_level=settings.log_level, http=http, loop=loop
@@ -500,7 +500,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="bird-bench-") as tmp:
             import numpy as np
 
-            from service.datasets import DatasetArrays, DatasetMeta, write_dataset
+            from bird_datasets.format import DatasetMeta
+            from bird_datasets.writer import DatasetArrays, write_dataset
             from service.storage import LocalStore
 
             store = LocalStore(Path(tmp) / "store")

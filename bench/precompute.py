@@ -30,8 +30,8 @@ from bird_core.methods.base import StepContext
 from bird_core.models import create_model
 from bird_core.preprocess import Preprocessor
 from bird_core.train import Distiller, TrainConfig, build_optimizer, train_step
+from bird_datasets.converters.fashion_mnist_s import prepare_fashion_mnist_s
 from service.storage import LocalStore, read_manifest
-from workers.converters import prepare_fashion_mnist_s
 from workers.features import (
     TeacherEmbedder,
     batch_from_rows,

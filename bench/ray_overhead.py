@@ -54,12 +54,12 @@ from bird_core.train import (
     plan_steps_per_epoch,
     split_meta,
 )
-from service.datasets import read_dataset_meta
+from bird_datasets.converters.fashion_mnist_s import prepare_fashion_mnist_s
+from bird_datasets.reader import read_dataset_meta
 from service.settings import Settings
 from service.spec import JobSpec
 from service.storage import LocalStore, join_key
 from workers.checkpoints import publish_checkpoint
-from workers.converters import prepare_fashion_mnist_s
 from workers.features import (
     FeatureSet,
     batch_from_rows,

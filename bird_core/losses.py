@@ -1,4 +1,4 @@
-"""Loss functions shared by the distillation methods (forms as in DESIGN.md section 4)."""
+"""Loss functions shared by the distillation methods (their forms: docs/methods.md)."""
 
 from __future__ import annotations
 

@@ -32,6 +32,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -78,6 +79,7 @@ __all__ = [
     "read_manifest",
     "scoped",
     "store_from_settings",
+    "valid_bucket_name",
     "validate_key",
     "validate_prefix",
     "verify",
@@ -93,6 +95,8 @@ MAX_PRESIGN_EXPIRY_S = 7 * 24 * 3600
 _CHUNK = 1 * MiB
 # LocalStore writes go to a hidden temporary file next to the target first; list() skips them.
 _TMP_PREFIX = ".bird-tmp-"
+# S3 bucket naming rules (3-63 lower-case letters, digits, dots, hyphens).
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,6 +184,15 @@ def validate_prefix(prefix: str) -> str:
         return validate_key(stripped)
     except InvalidKeyError as exc:
         raise InvalidKeyError(str(exc).replace("invalid key", "invalid prefix", 1)) from None
+
+
+def valid_bucket_name(name: str) -> bool:
+    """Whether ``name`` follows S3's bucket naming rules.
+
+    Checked before a user-supplied ``s3://`` URI reaches boto3, whose own validation error
+    would read like an outage.
+    """
+    return isinstance(name, str) and bool(_BUCKET_RE.match(name))
 
 
 def join_key(*parts: str) -> str:

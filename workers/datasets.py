@@ -1,4 +1,4 @@
-"""Datasets in the bird format (``service.datasets``) as ``bird_core`` :class:`DatasetSplits`.
+"""Datasets in the bird format (``bird_datasets``) as ``bird_core`` :class:`DatasetSplits`.
 
 :func:`load_splits` is how the training side reads any dataset a job names, built-in or
 uploaded: it verifies the parts against the manifest, refuses rows that break the format with
@@ -13,16 +13,11 @@ import torch
 
 from bird_core.data.base import DatasetSplits, Split
 from bird_core.data.fashion_mnist_s import _channel_stats
-from service.datasets import (
-    SPLITS,
-    DatasetFormatError,
-    DatasetMeta,
-    check_table,
-    read_dataset,
-    split_arrays,
-)
+from bird_datasets.format import SPLITS, DatasetFormatError, DatasetMeta
+from bird_datasets.location import resolve_dataset_uri
+from bird_datasets.reader import check_table, read_dataset, split_arrays
 from service.settings import Settings
-from service.storage import ObjectStore, open_store, validate_prefix
+from service.storage import ObjectStore, validate_prefix
 
 __all__ = ["load_splits", "load_splits_from_uri", "preprocessing_for"]
 
@@ -52,9 +47,9 @@ def load_splits(store: ObjectStore, prefix: str = "") -> DatasetSplits:
 
     ``x`` is ``uint8 [N, C, H, W]`` (images) or ``float32 [N, D]`` (tabular), unnormalised;
     ``label`` is ``int64 [N]`` or, multi-label, ``float32 [N, A]`` of 0/1; ``group`` is
-    ``int64 [N]``. Raises :class:`~service.datasets.DatasetFormatError` (naming the dataset and
+    ``int64 [N]``. Raises :class:`~bird_datasets.format.DatasetFormatError` (naming the dataset and
     the first problems) when the rows break the format, and the storage errors of
-    :func:`~service.datasets.read_dataset`.
+    :func:`~bird_datasets.reader.read_dataset`.
     """
     meta, table = read_dataset(store, prefix)
     uri = store.uri(validate_prefix(prefix))
@@ -105,6 +100,8 @@ def load_splits(store: ObjectStore, prefix: str = "") -> DatasetSplits:
 
 
 def load_splits_from_uri(uri: str, settings: Settings | None = None) -> DatasetSplits:
-    """:func:`load_splits` for a dataset URI (``s3://bucket/prefix`` or a local directory),
-    with the S3 endpoint and credentials from ``settings`` (default: the ``BIRD_*`` env)."""
-    return load_splits(open_store(uri, settings or Settings()), "")
+    """:func:`load_splits` for a dataset URI (``s3://bucket/prefix`` or a local directory,
+    resolved by :func:`bird_datasets.location.resolve_dataset_uri`), with the S3 endpoint and
+    credentials from ``settings`` (default: the ``BIRD_*`` env)."""
+    store, prefix = resolve_dataset_uri(uri, settings or Settings())
+    return load_splits(store, prefix)

@@ -1,6 +1,6 @@
 """Teacher features, precomputed once with Ray Data and shared through the object store.
 
-Layout under the store (content-addressed, DESIGN.md section 3)::
+Layout under the store (content-addressed; docs/architecture.md, "Teacher features")::
 
     features/<key>/run-<id>/part-*.parquet   shards written by one precompute run
     features/<key>/manifest.json             written last; names the shards of ONE run
@@ -35,6 +35,9 @@ import torch
 from bird_core.methods.base import Batch
 from bird_core.preprocess import Preprocessor
 from bird_core.train import train_linear_probe
+from bird_datasets.codec import decode_images
+from bird_datasets.fingerprint import dataset_fingerprint
+from bird_datasets.format import parse_metadata
 from service.storage import (
     MANIFEST_NAME,
     ChecksumMismatchError,
@@ -49,7 +52,6 @@ from service.storage import (
     read_manifest,
 )
 from workers.rows import (
-    decode_image_column,
     decode_stage,
     dense,
     table_for_write,
@@ -83,13 +85,6 @@ class FeatureSet:
         return self.manifest.metadata
 
 
-def dataset_fingerprint(store: ObjectStore, dataset_prefix: str) -> tuple[str, Manifest]:
-    """sha256 of the dataset's manifest (which itself lists every part's sha256)."""
-    manifest = read_manifest(store, dataset_prefix)
-    canonical = json.dumps({k: v.sha256 for k, v in manifest.files.items()}, sort_keys=True)
-    return hashlib.sha256(canonical.encode()).hexdigest(), manifest
-
-
 def feature_key(
     teacher: TeacherSource,
     dataset_sha: str,
@@ -110,6 +105,24 @@ def feature_key(
 # -- the Ray Data stage ------------------------------------------------------------------------
 
 
+def match_teacher_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Images ``[N, C, H, W]`` with the ``channels`` a teacher was built for.
+
+    Images are decoded with the dataset's declared channels (``bird_datasets.codec``); a
+    pretrained RGB teacher (EfficientNet, CLIP) gets a grayscale image on three equal channels
+    and an RGBA image without its alpha, which is what Pillow's ``convert("RGB")`` gives. Any
+    other mismatch is left for the teacher's preprocessing to report.
+    """
+    have = x.shape[1]
+    if have == channels or channels != 3:
+        return x
+    if have == 1:
+        return x.expand(-1, 3, -1, -1)
+    if have == 4:
+        return x[:, :3]
+    return x
+
+
 class TeacherEmbedder:
     """Ray Data callable class: loads the teacher once per actor, then embeds batches."""
 
@@ -120,6 +133,7 @@ class TeacherEmbedder:
         attention_size: int | None,
         device: str | None = None,
         torch_threads: int | None = None,
+        image_shape: Sequence[int] | None = None,
     ):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if torch_threads:
@@ -130,6 +144,9 @@ class TeacherEmbedder:
         self.net.to(self.device)
         self.preprocess.to(self.device)
         self.attention_size = attention_size
+        self.image_shape = image_shape
+        # The channels the teacher's input preprocessing is for (images only).
+        self.channels = int(self.preprocess.mean.shape[1]) if self.preprocess.kind == "image" else 0
         self.batches_seen = 0
 
     @torch.no_grad()
@@ -140,9 +157,11 @@ class TeacherEmbedder:
         if "pixels" in batch:  # decoded upstream by decode_stage, in parallel with this actor
             x = torch.from_numpy(np.ascontiguousarray(batch["pixels"]))
         elif "image" in batch:
-            x = torch.from_numpy(decode_image_column(batch["image"]))
+            x = torch.from_numpy(decode_images(batch["image"], self.image_shape))
         else:
             x = torch.from_numpy(np.stack(batch["x"]).astype(np.float32))
+        if x.dim() == 4:
+            x = match_teacher_channels(x, self.channels)
         out = self.net(self.preprocess(x.to(self.device)), features=True)
         batch = {k: v for k, v in batch.items() if k != "pixels"}
         batch["embedding"] = out.embedding.float().cpu().numpy()
@@ -370,8 +389,16 @@ def _compute_and_publish(
 ) -> FeatureSet:
     import ray.data
 
+    dataset_meta, _ = parse_metadata(dataset_manifest.metadata)
+    # Decoded with the channels the dataset declares, as everywhere (bird_datasets.codec).
+    image_shape = dataset_meta.image_shape if dataset_meta is not None else None
     ds = _read_dataset(store, dataset_prefix, dataset_manifest)
-    ds = ds.map_batches(decode_stage, batch_format="numpy", batch_size=batch_size)
+    ds = ds.map_batches(
+        decode_stage,
+        fn_kwargs={"image_shape": image_shape},
+        batch_format="numpy",
+        batch_size=batch_size,
+    )
     embedded = ds.map_batches(
         TeacherEmbedder,
         fn_constructor_kwargs={
@@ -379,6 +406,7 @@ def _compute_and_publish(
             "dataset_preprocessing": dataset_preprocessing,
             "attention_size": attention_size,
             "torch_threads": torch_threads,
+            "image_shape": image_shape,
         },
         batch_size=batch_size,
         batch_format="numpy",
@@ -500,13 +528,19 @@ def load_feature_table(store: ObjectStore, features: FeatureSet) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def rows_as_tensors(rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor | None]:
+def rows_as_tensors(
+    rows: dict[str, np.ndarray], image_shape: Sequence[int] | None = None
+) -> dict[str, torch.Tensor | None]:
     """Feature rows as tensors: raw ``x``, ``label``, ``group`` and the teacher's outputs
-    (``teacher_embedding``, ``teacher_logits``, ``teacher_attention``; None when absent)."""
+    (``teacher_embedding``, ``teacher_logits``, ``teacher_attention``; None when absent).
+
+    Images not decoded yet are decoded for the dataset's declared ``image_shape`` (without
+    it, the first image sets the shape: see :func:`bird_datasets.codec.decode_images`).
+    """
     if "pixels" in rows:  # decoded once, ahead of training (see decode_images_once)
         x = torch.from_numpy(np.ascontiguousarray(rows["pixels"]))
     elif "image" in rows:
-        x = torch.from_numpy(decode_image_column(rows["image"]))
+        x = torch.from_numpy(decode_images(rows["image"], image_shape))
     else:
         x = torch.from_numpy(dense(rows["x"]))
     label = rows["label"]
@@ -536,15 +570,23 @@ def rows_as_tensors(rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor | Non
 
 
 def batch_from_rows(
-    rows: dict[str, np.ndarray], preprocess: Preprocessor, device: str | torch.device = "cpu"
+    rows: dict[str, np.ndarray],
+    preprocess: Preprocessor,
+    device: str | torch.device = "cpu",
+    image_shape: Sequence[int] | None = None,
 ) -> Batch:
     """Turn a batch of feature rows into a bird_core :class:`Batch` (the teacher never runs)."""
-    batch = Batch(**rows_as_tensors(rows)).to(device)  # type: ignore[arg-type]
+    batch = Batch(**rows_as_tensors(rows, image_shape)).to(device)  # type: ignore[arg-type]
     batch.x = preprocess(batch.x)
     return batch
 
 
-def iter_batches(dataset: Any, batch_size: int, preprocess: Preprocessor) -> Iterator[Batch]:
+def iter_batches(
+    dataset: Any,
+    batch_size: int,
+    preprocess: Preprocessor,
+    image_shape: Sequence[int] | None = None,
+) -> Iterator[Batch]:
     """Batches from a Ray Data dataset or DataIterator of feature rows."""
     for rows in dataset.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        yield batch_from_rows(rows, preprocess)
+        yield batch_from_rows(rows, preprocess, image_shape=image_shape)

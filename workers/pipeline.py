@@ -21,11 +21,12 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlparse
 
 from bird_core.checkpoint import CheckpointError, load_student
 from bird_core.train import evaluate
-from service.datasets import DatasetError, read_dataset_meta
+from bird_datasets.format import DatasetError
+from bird_datasets.location import resolve_dataset_uri
+from bird_datasets.reader import read_dataset_meta
 from service.models import JobStage
 from service.settings import Settings
 from service.spec import JobSpec
@@ -34,7 +35,6 @@ from service.storage import (
     ObjectNotFoundError,
     ObjectStore,
     join_key,
-    open_store,
 )
 from workers.checkpoints import download_checkpoint, publish_checkpoint
 from workers.datasets import load_splits
@@ -54,7 +54,6 @@ __all__ = [
     "JobInputError",
     "JobResult",
     "job_prefix",
-    "resolve_dataset",
     "run_job",
 ]
 
@@ -103,19 +102,6 @@ def job_prefix(job_id: int) -> str:
     return f"jobs/{job_id}"
 
 
-def resolve_dataset(uri: str, store: ObjectStore, settings: Settings) -> tuple[ObjectStore, str]:
-    """(store, prefix) of a dataset URI: a prefix of the deployment's store, ``s3://...`` or a
-    local path."""
-    if "://" in uri or uri.startswith("/"):
-        parsed = urlparse(uri)
-        if parsed.scheme in ("s3", "file", ""):
-            return open_store(uri, settings), ""
-        raise JobInputError(
-            f"dataset URI {uri!r}: use a store prefix, s3://bucket/prefix or a path"
-        )
-    return store, uri.strip("/")
-
-
 def run_job(
     job_id: int,
     spec: JobSpec,
@@ -129,7 +115,7 @@ def run_job(
     database_url = settings.resolved_database_url
     try:
         control.enter(JobStage.PRECOMPUTING, 0.01)
-        data_store, prefix = resolve_dataset(spec.dataset.uri, store, settings)
+        data_store, prefix = resolve_dataset_uri(spec.dataset.uri, settings, store)
         meta = read_dataset_meta(data_store, prefix)
         splits = load_splits(data_store, prefix)  # validates every row against the format
         teacher = teacher_source_from_spec(store, spec.teacher, meta.num_classes)

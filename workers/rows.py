@@ -1,23 +1,21 @@
 """Row-level transforms of feature and dataset batches, run inside Ray Data tasks.
 
 Kept apart from :mod:`workers.features` on purpose: a Ray Data task imports the module of the
-function it runs, and this one needs only numpy, pyarrow and Pillow (no torch, no bird_core),
-so a fresh task worker is ready in a fraction of a second instead of several.
+function it runs, and this one needs only numpy, pyarrow and Pillow (no torch, no bird_core, no
+boto3), so a fresh task worker is ready in a fraction of a second instead of several. Images are
+decoded by the dataset format's one decoder, :func:`bird_datasets.codec.decode_images`, to the
+channel count the dataset declares (``image_shape``), exactly as validation and
+:func:`workers.datasets.load_splits` decode them.
 """
 
 from __future__ import annotations
 
-import io
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
 
-
-def decode_image_column(images: np.ndarray) -> np.ndarray:
-    """Encoded PNG/JPEG bytes → uint8 ``[N, C, H, W]`` (RGB)."""
-    arrays = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in images]
-    return np.stack(arrays).transpose(0, 3, 1, 2).copy()
+from bird_datasets.codec import decode_images
 
 
 def dense(column: np.ndarray) -> np.ndarray:
@@ -27,31 +25,36 @@ def dense(column: np.ndarray) -> np.ndarray:
     return np.stack(column).astype(np.float32)
 
 
-def decode_images_once(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Decode ``image`` into ``pixels`` (uint8 ``[N, C, H, W]``) and make the teacher's outputs
-    dense ``[N, D]`` arrays.
+def decode_images_once(
+    batch: dict[str, np.ndarray], image_shape: Sequence[int] | None = None
+) -> dict[str, np.ndarray]:
+    """Decode ``image`` into ``pixels`` (uint8 ``[N, C, H, W]`` for the declared
+    ``image_shape``) and make the teacher's outputs dense ``[N, D]`` arrays.
 
     For datasets kept in memory across epochs: decoding PNGs and stacking list columns in every
     batch of every epoch of every rank would otherwise cost as much as a small student's steps.
     """
     prepared = {k: v for k, v in batch.items() if k != "image"}
     if "image" in batch:
-        prepared["pixels"] = decode_image_column(batch["image"])
+        prepared["pixels"] = decode_images(batch["image"], image_shape)
     for name in ("embedding", "logits", "attention", "x"):
         if name in prepared:
             prepared[name] = dense(prepared[name])
     return prepared
 
 
-def decode_stage(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Ray Data task: decode images into a ``pixels`` column ahead of the teacher actor.
+def decode_stage(
+    batch: dict[str, np.ndarray], image_shape: Sequence[int] | None = None
+) -> dict[str, np.ndarray]:
+    """Ray Data task: decode images into a ``pixels`` column ahead of the teacher actor
+    (``uint8 [N, C, H, W]`` for the declared ``image_shape``).
 
     Decoding in stateless tasks overlaps it with the teacher's forward pass in the actor,
     instead of the actor doing both in turn.
     """
     if "image" in batch:
         batch = dict(batch)
-        batch["pixels"] = decode_image_column(batch["image"])
+        batch["pixels"] = decode_images(batch["image"], image_shape)
     return batch
 
 

@@ -17,7 +17,6 @@ manifest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -29,7 +28,8 @@ from bird_core.methods import create_method
 from bird_core.models import create_model
 from bird_core.preprocess import Preprocessor
 from bird_core.train import EpochResult, TrainConfig, TrainingState, evaluate, fit, seed_everything
-from service.storage import Manifest, ObjectStore, publish, read_manifest
+from bird_datasets.fingerprint import dataset_fingerprint
+from service.storage import Manifest, ObjectStore, publish
 from workers.datasets import load_splits
 from workers.teachers import TEACHER_JSON, TEACHER_WEIGHTS
 
@@ -60,13 +60,6 @@ def _input_options(arch: str, data: DatasetSplits, options: Mapping[str, Any]) -
     elif arch in _WIDTH_ARCHS and "in_channels" not in resolved and shape[0] != 3:
         resolved["in_channels"] = int(shape[0])
     return resolved
-
-
-def _dataset_sha256(store: ObjectStore, prefix: str) -> str:
-    """sha256 over the dataset manifest's file checksums (as the feature cache keys it)."""
-    manifest = read_manifest(store, prefix)
-    canonical = json.dumps({k: v.sha256 for k, v in manifest.files.items()}, sort_keys=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def train_teacher(
@@ -150,7 +143,7 @@ def train_teacher(
         "dataset": {
             "uri": dataset_uri,
             "name": data.name,
-            "sha256": _dataset_sha256(store, dataset_prefix),
+            "sha256": dataset_fingerprint(store, dataset_prefix)[0],
         },
         "training": {
             "method": "none",

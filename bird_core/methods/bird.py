@@ -56,7 +56,7 @@ def running_stats_frozen(module: torch.nn.Module) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class BIRDOptions(MethodOptions):
-    """BIRD's options (DESIGN.md section 4); the defaults are documented in docs/methods.md."""
+    """BIRD's options; their meaning and defaults are documented in docs/methods.md ("BIRD")."""
 
     inner_lr: float = 0.1  # α, Stage I step size
     phi_lr: float = 100.0  # β, the φ learning rate (meta-gradients on φ are small)

@@ -28,7 +28,6 @@ or echoed back.
 from __future__ import annotations
 
 import functools
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -46,6 +45,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+from bird_datasets.location import resolve_dataset_uri
 from service.api.edges import credential_in_query
 from service.auth import key_owner, may_be_key
 from service.settings import Settings
@@ -54,10 +54,10 @@ from service.storage import (
     LocalStore,
     ObjectStore,
     S3Store,
-    StorageError,
     open_store,
+    scoped,
+    valid_bucket_name,
     validate_key,
-    validate_prefix,
 )
 
 __all__ = [
@@ -83,9 +83,6 @@ __all__ = [
 P = ParamSpec("P")
 T = TypeVar("T")
 
-# S3 bucket naming rules (3-63 lower-case letters, digits, dots, hyphens). Checked before a
-# user-supplied s3:// URI reaches boto3, whose own validation error would read like an outage.
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 # Worker threads that run reads (key checks included) and writes at once, per API process; the
 # two connection pools are sized to match, so neither churns nor makes a thread wait. A few
 # threads keep two CPUs busy; more only add context switches and contention for the GIL, while
@@ -187,46 +184,20 @@ class AppState:
                 self._stores.popitem(last=False)
         return store
 
-    def resolve_dataset(self, uri: str) -> tuple[ObjectStore, str]:
-        """The store and prefix a job spec's ``dataset.uri`` names.
+    def _dataset_store(self, url: str) -> ObjectStore:
+        """A store rooted at a dataset outside the deployment's store: one cached client per
+        bucket (or directory), viewed at the dataset's prefix."""
+        if url.startswith("s3://"):
+            bucket, _, prefix = url.removeprefix("s3://").partition("/")
+            store = self._cached_store(f"s3://{bucket}")
+            return scoped(store, prefix) if prefix else store
+        return self._cached_store(url)
 
-        ``s3://bucket/prefix`` (on the deployment's S3 endpoint) and ``file:///abs/dir`` or an
-        absolute path open a store there, with the dataset at its root; anything else is a
-        prefix inside the deployment's own store (``datasets/fmnist``). Raises
-        :class:`UnresolvableURI` for what cannot be a dataset location.
-        """
-        try:
-            if "://" in uri:
-                parsed = urlparse(uri)
-                scheme = parsed.scheme.lower()
-                if scheme == "s3":
-                    if not _BUCKET_RE.match(parsed.netloc):
-                        raise UnresolvableURI(f"{parsed.netloc!r} is not a valid S3 bucket name")
-                    prefix = validate_prefix(parsed.path.lstrip("/"))
-                    return self._cached_store(f"s3://{parsed.netloc}"), prefix
-                if scheme == "file":
-                    if parsed.netloc not in ("", "localhost"):
-                        raise UnresolvableURI("file URIs must name a local path")
-                    path = unquote(parsed.path)
-                    if not path.startswith("/"):
-                        raise UnresolvableURI("file URIs must name an absolute path")
-                    return self._cached_store(str(Path(path))), ""
-                raise UnresolvableURI(
-                    f"unsupported scheme {parsed.scheme!r}: use s3://bucket/prefix, an absolute "
-                    "local path, or a prefix in the deployment's store"
-                )
-            if uri.startswith("/"):
-                if "\x00" in uri:
-                    raise UnresolvableURI("paths must not contain NUL characters")
-                return self._cached_store(str(Path(uri))), ""
-            prefix = validate_prefix(uri)
-            if not prefix:
-                raise UnresolvableURI("the store root is not a dataset; name a prefix")
-            return self.store, prefix
-        except InvalidKeyError as exc:
-            raise UnresolvableURI(str(exc)) from None
-        except StorageError as exc:
-            raise UnresolvableURI(str(exc)) from None
+    def resolve_dataset(self, uri: str) -> tuple[ObjectStore, str]:
+        """The store and prefix a job spec's ``dataset.uri`` names (see
+        :func:`bird_datasets.location.resolve_dataset_uri`). Raises
+        :class:`~bird_datasets.location.DatasetURIError`."""
+        return resolve_dataset_uri(uri, self.settings, self.store, opener=self._dataset_store)
 
     def resolve_object(self, uri: str) -> tuple[ObjectStore, str]:
         """The store and key of an object recorded by a worker (a checkpoint archive).
@@ -248,7 +219,7 @@ class AppState:
                         return store, validate_key(key)
                     if key.startswith(store.prefix + "/"):
                         return store, validate_key(key[len(store.prefix) + 1 :])
-                if not _BUCKET_RE.match(parsed.netloc):
+                if not valid_bucket_name(parsed.netloc):
                     raise UnresolvableURI(f"{parsed.netloc!r} is not a valid S3 bucket name")
                 return self._cached_store(f"s3://{parsed.netloc}"), validate_key(key)
             if scheme == "file" and isinstance(store, LocalStore):

@@ -97,7 +97,7 @@ def _worker_process(live_api: LiveAPI, ray_address: str, log: Path) -> subproces
         "AWS_EC2_METADATA_DISABLED": "true",
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "worker"],
+        [sys.executable, "-m", "cli", "worker"],
         env=env,
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,

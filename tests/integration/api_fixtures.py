@@ -39,10 +39,11 @@ from botocore.config import Config
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
+from bird_datasets.format import DatasetMeta
+from bird_datasets.writer import DatasetArrays, write_dataset
 from service import queue
 from service.api import create_app
 from service.auth import CreatedKey, create_key
-from service.datasets import DatasetArrays, DatasetMeta, write_dataset
 from service.db import make_engine, session_factory, upgrade
 from service.settings import Settings
 from service.storage import LocalStore, ObjectStore, store_from_settings

@@ -760,7 +760,7 @@ def test_requests_survive_the_database_dropping_pooled_connections(
 
 
 def test_publish_tiny_dataset_is_a_valid_dataset(live_api: LiveAPI) -> None:
-    from service.datasets import validate_dataset
+    from bird_datasets.validation import validate_dataset
 
     prefix = publish_tiny_dataset(live_api.store, "datasets/check")
     assert validate_dataset(live_api.store, prefix).ok

@@ -91,7 +91,7 @@ def test_cli_prints_the_key_once_and_it_authenticates(pg_url, tmp_path: Path):
     url = pg_url.render_as_string(hide_password=False)
     env = {**os.environ, "BIRD_DATABASE_URL": url, "BIRD_DATA_DIR": str(tmp_path)}
     proc = subprocess.run(
-        [sys.executable, "-m", "service.cli", "keys", "create", "--tenant", "initech"],
+        [sys.executable, "-m", "cli", "keys", "create", "--tenant", "initech"],
         capture_output=True,
         text=True,
         timeout=120,

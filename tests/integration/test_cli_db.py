@@ -13,7 +13,7 @@ from service.db import current_revision, head_revision
 def _bird(*args: str, database_url: str, tmp_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "BIRD_DATABASE_URL": database_url, "BIRD_DATA_DIR": str(tmp_path)}
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
+        [sys.executable, "-m", "cli", *args],
         capture_output=True,
         text=True,
         timeout=120,

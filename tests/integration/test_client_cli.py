@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 from bird_core.checkpoint import load_student, save_checkpoint
 from bird_core.models import create_model
 from bird_core.preprocess import Preprocessor
+from cli.app import app
 from service import queue
-from service.cli import app
 from service.client import (
     BirdAPIError,
     BirdClient,

@@ -23,23 +23,17 @@ from PIL import Image
 
 from bird_core.data import load_adult, load_fashion_mnist_s
 from bird_core.data.fashion_mnist_s import DEFAULT_ROOT as FASHION_MNIST_ROOT
-from service.datasets import (
-    describe_dataset,
-    read_dataset,
-    render_description,
-    split_arrays,
-    validate_dataset,
-)
+from bird_datasets.converters import get_converter
+from bird_datasets.converters.adult import prepare_adult
+from bird_datasets.converters.celeba import prepare_celeba
+from bird_datasets.converters.cifar10_s import CIFAR10_CLASSES, prepare_cifar10_s
+from bird_datasets.converters.fashion_mnist_s import prepare_fashion_mnist_s
+from bird_datasets.describe import describe_dataset, render_description
+from bird_datasets.reader import read_dataset, split_arrays
+from bird_datasets.validation import validate_dataset
 from service.settings import Settings
 from service.storage import LocalStore, S3Store, publish, read_manifest, verify
 from tests.integration.conftest import S3_ACCESS_KEY_ID, S3_REGION, S3_SECRET_ACCESS_KEY
-from workers.converters import (
-    CIFAR10_CLASSES,
-    prepare_adult,
-    prepare_celeba,
-    prepare_cifar10_s,
-    prepare_fashion_mnist_s,
-)
 from workers.datasets import load_splits, load_splits_from_uri
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -125,6 +119,16 @@ def test_adult_into_local_store(local_store: LocalStore):
     np.testing.assert_allclose(data.preprocessing["mean"], reference.preprocessing["mean"])
     np.testing.assert_allclose(data.preprocessing["std"], reference.preprocessing["std"])
     assert validate_dataset(local_store, "adult").ok
+
+
+def test_adult_converter_honours_test_size(local_store: LocalStore):
+    manifest = get_converter("adult").run(
+        local_store, "adult-small", seed=1, train_size=500, test_size=300
+    )
+    assert manifest.metadata["counts"]["test"] == 300
+    assert manifest.metadata["source"]["test_size"] == 300
+    reference = load_adult(seed=1, train_size=500, test_size=300)
+    assert torch.equal(load_splits(local_store, "adult-small").test.x, reference.test.x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +344,7 @@ def _bird(
         **env_overrides,
     }
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", "datasets", *args],
+        [sys.executable, "-m", "cli", "datasets", *args],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -381,6 +385,12 @@ def test_cli_errors_are_one_line(s3_server: str, s3_bucket: str, tmp_path: Path)
             str(tmp_path / "cifar-10-batches-py"),
         ),
         (["prepare", "mnist", "--out", str(tmp_path / "o")], 2, "unknown dataset 'mnist'"),
+        (
+            ["prepare", "adult", "--out", str(tmp_path / "o"), "--val-size", "3"],
+            2,
+            "adult does not take --val-size; it takes --out, --seed, --root, --train-size",
+        ),
+        (["validate", "gs://bucket/ds"], 2, "dataset URI 'gs://bucket/ds' is invalid"),
     ]
     for args, code, named in cases:
         proc = _bird(args, s3_server)

@@ -14,6 +14,7 @@ import torch
 
 from bird_core.data import load_fashion_mnist_s
 from bird_core.preprocess import Preprocessor
+from bird_datasets.converters.fashion_mnist_s import prepare_fashion_mnist_s
 from service.storage import ChecksumMismatchError, ObjectStore, join_key
 from tests.integration.train_fixtures import SIZES as TRAIN_SIZES
 from tests.integration.train_fixtures import (
@@ -22,7 +23,6 @@ from tests.integration.train_fixtures import (
     precompute_fm_features,
 )
 from workers import features as features_module
-from workers.converters import prepare_fashion_mnist_s
 from workers.datasets import load_splits
 from workers.features import (
     FEATURES_PREFIX,

@@ -20,13 +20,14 @@ from typer.testing import CliRunner
 
 from bird_core.models import create_model
 from bird_core.preprocess import Preprocessor
-from service.cli import app
+from bird_datasets.codec import decode_images
+from bird_datasets.converters.fashion_mnist_s import prepare_fashion_mnist_s
+from cli.app import app
 from service.settings import Settings
 from service.spec import TeacherSpec
 from service.storage import MANIFEST_NAME, LocalStore, ObjectStore, S3Store, join_key
-from workers.converters import prepare_fashion_mnist_s
 from workers.datasets import load_splits
-from workers.features import decode_image_column, load_feature_table, precompute_features
+from workers.features import load_feature_table, precompute_features
 from workers.teachers import (
     CLIP_NORM,
     TeacherLoadError,
@@ -63,7 +64,7 @@ def _copy_dataset(source: ObjectStore, target: ObjectStore) -> None:
 def _feature_rows(store: ObjectStore, features) -> dict[str, np.ndarray]:
     table = load_feature_table(store, features).sort_by("id")
     return {
-        "images": decode_image_column(table.column("image").to_numpy(zero_copy_only=False)),
+        "images": decode_images(table.column("image")),
         "split": table.column("split").to_numpy(zero_copy_only=False),
         "embedding": np.stack(table.column("embedding").to_numpy(zero_copy_only=False)),
         "logits": np.stack(table.column("logits").to_numpy(zero_copy_only=False)),

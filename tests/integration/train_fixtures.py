@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from service.datasets import DatasetMeta
+from bird_datasets.format import DatasetMeta
 from service.settings import Settings
 from service.spec import JobSpec
 from service.storage import LocalStore, ObjectStore, store_from_settings
@@ -90,8 +90,8 @@ def fm_features(s3_server: str, ray_local: str) -> Iterator[TrainData]:
     Training tests read from it (each run under its own prefix); e2e tests copy it into the
     API's bucket; the feature tests check it against the source rows.
     """
-    from service.datasets import read_dataset_meta
-    from workers.converters import prepare_fashion_mnist_s
+    from bird_datasets.converters.fashion_mnist_s import prepare_fashion_mnist_s
+    from bird_datasets.reader import read_dataset_meta
     from workers.datasets import load_splits
 
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")

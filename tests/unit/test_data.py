@@ -304,6 +304,23 @@ def test_adult_deterministic_and_subsampled(adult):
     assert torch.equal(full.val.x, a.val.x)
 
 
+def test_adult_test_subsample_is_stratified_and_leaves_the_rest(adult):
+    small = load_adult(seed=1, train_size=2000, test_size=1000)
+    assert len(small.test) == 1000
+    reference = load_adult(seed=1, train_size=2000)
+    assert torch.equal(small.train.x, reference.train.x)  # train and val do not move
+    assert torch.equal(small.val.x, reference.val.x)
+    # Label × sex shares of the whole test file, to the row.
+    full = adult.test.label * 2 + adult.test.group
+    part = small.test.label * 2 + small.test.group
+    expected = torch.bincount(full, minlength=4).double() * 1000 / len(adult.test)
+    assert (torch.bincount(part, minlength=4).double() - expected).abs().max() < 1
+    rows = {tuple(row) for row in adult.test.x.tolist()}
+    assert all(tuple(row) in rows for row in small.test.x.tolist())
+    with pytest.raises(ValueError, match="test_size"):
+        load_adult(test_size=10**6)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "argument"),
     [

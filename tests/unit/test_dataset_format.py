@@ -1,13 +1,10 @@
-"""The bird dataset format (service/datasets.py) on a local store: write/read round trips,
+"""The bird dataset format (bird_datasets) on a local store: write/read round trips,
 validation of deliberately broken datasets, describe, and user-written datasets."""
 
 from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,20 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from service.datasets import (
-    DatasetArrays,
-    DatasetFormatError,
-    DatasetMeta,
-    DatasetNotFoundError,
-    decode_images,
-    describe_dataset,
-    encode_images,
-    read_dataset,
-    render_description,
-    split_arrays,
-    validate_dataset,
-    write_dataset,
-)
+from bird_datasets.codec import decode_images, encode_images
+from bird_datasets.describe import describe_dataset, render_description
+from bird_datasets.format import DatasetFormatError, DatasetMeta, DatasetNotFoundError
+from bird_datasets.reader import read_dataset, split_arrays
+from bird_datasets.validation import validate_dataset
+from bird_datasets.writer import DatasetArrays, write_dataset
 from service.storage import (
     ChecksumMismatchError,
     LocalStore,
@@ -636,26 +625,3 @@ def test_describe_counts_and_rendering(store):
     assert train_block[2].split() == ["0", "a", "2", "18", "g1", "90%"]
     assert train_block[4].split() == ["2", "c", "12", "0", "g0", "100%"]
     assert train_block[5].split() == ["all", "rows", "22", "26", "g1", "54%"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Layering
-# ---------------------------------------------------------------------------------------------
-
-
-def test_service_datasets_imports_no_torch():
-    probe = (
-        "import json, sys, service.datasets, service.cli; print(json.dumps(sorted(sys.modules)))"
-    )
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-c", probe],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    modules = json.loads(proc.stdout)
-    assert not [m for m in modules if m == "torch" or m.startswith(("torch.", "ray.", "workers"))]

@@ -58,6 +58,14 @@ K8S_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
 
 SETTINGS_ENV = {f"BIRD_{name.upper()}" for name in Settings.model_fields}
 
+
+def project_packages() -> list[str]:
+    """The top-level packages the distribution ships ([tool.setuptools.packages.find])."""
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    include = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    return [pattern.rstrip("*") for pattern in include]
+
+
 API_COMMAND = ["bird", "serve", "--api-only"]
 WORKER_COMMAND = ["bird", "worker"]
 MIGRATE_COMMAND = ["bird", "db", "upgrade"]
@@ -1166,7 +1174,8 @@ def test_dockerignore_sends_what_the_images_copy_and_nothing_secret():
         for args, body in instructions(stage(name), "COPY"):
             if body is None and "--from" not in args:
                 sources.update(shlex.split(args)[:-1])
-    assert sources >= {"pyproject.toml", "README.md", "bird_core", "service", "workers"}
+    # Every package the distribution ships is copied into the images (`pip install .`).
+    assert sources >= {"pyproject.toml", "README.md", *project_packages()}
     for source in sources:
         assert (REPO_ROOT / source).exists(), source
         assert not dockerignore_excludes(source, rules), source
@@ -1185,7 +1194,7 @@ def test_package_ships_its_non_python_files():
         pyproject.get("tool", {}).get("setuptools", {}).get("package-data", {})
     )
     missing = []
-    for top in ("bird_core", "service", "workers"):
+    for top in project_packages():
         for path in (REPO_ROOT / top).rglob("*"):
             if not path.is_file() or path.suffix in (".py", ".pyc") or "__pycache__" in path.parts:
                 continue

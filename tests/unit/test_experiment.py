@@ -12,7 +12,7 @@ from bird_core.methods import available_methods
 
 def _bird() -> list[str]:
     exe = shutil.which("bird")
-    return [exe] if exe else [sys.executable, "-m", "service.cli"]
+    return [exe] if exe else [sys.executable, "-m", "cli"]
 
 
 def test_quick_experiment_runs_every_method_for_both_teachers(tmp_path: Path):

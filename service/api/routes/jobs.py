@@ -23,8 +23,10 @@ from pydantic import ValidationError
 from sqlalchemy import Connection, and_, bindparam, func, select, true
 from sqlalchemy.orm import Session
 
+from bird_datasets.format import parse_metadata
+from bird_datasets.location import DatasetURIError
 from service import queue
-from service.api.deps import AppState, Caller, DbDep, StateDep, UnresolvableURI
+from service.api.deps import AppState, Caller, DbDep, StateDep
 from service.api.edges import invalid_text_at
 from service.api.schemas import (
     EventPublic,
@@ -40,7 +42,6 @@ from service.api.schemas import (
     error_responses,
     finite,
 )
-from service.datasets import parse_metadata
 from service.models import Job, JobEvent, JobLog, JobState, Metric, Trial
 from service.storage import (
     MANIFEST_NAME,
@@ -132,8 +133,8 @@ def check_dataset(state: AppState, uri: str) -> None:
     loc = ("body", "dataset", "uri")
     try:
         store, prefix = state.resolve_dataset(uri)
-    except UnresolvableURI as exc:
-        raise _invalid(loc, f"dataset URI {uri!r} is invalid: {exc}", uri) from None
+    except DatasetURIError as exc:
+        raise _invalid(loc, str(exc), uri) from None
     where = store.uri(prefix)
     manifest_key = join_key(prefix, MANIFEST_NAME)
     try:

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 
+from cli.common import fail
+
 if TYPE_CHECKING:
     from service.client import BirdClient
 
@@ -55,19 +57,13 @@ JobIdArgument = Annotated[int, typer.Argument(help="The job's id.", min=1, show_
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
-def _fail(message: str, code: int = 1) -> NoReturn:
-    """Print ``error: <message>`` as one line on stderr and exit with ``code``."""
-    typer.echo(f"error: {' '.join(str(message).split())}", err=True)
-    raise typer.Exit(code)
-
-
 def _client(url: str, key: str | None) -> BirdClient:
     from service.client import BirdClient
 
     if not key:
-        _fail("no API key: pass --key or set BIRD_API_KEY", 2)
+        fail("no API key: pass --key or set BIRD_API_KEY", 2)
     if not url.startswith(("http://", "https://")):
-        _fail(f"--url must be an http:// or https:// URL, got {url!r}", 2)
+        fail(f"--url must be an http:// or https:// URL, got {url!r}", 2)
     return BirdClient(url, key)
 
 
@@ -78,10 +74,10 @@ def _explain(exc: Exception) -> NoReturn:
     if isinstance(exc, BirdAPIError):
         from service.client import format_detail
 
-        _fail(f"{format_detail(exc.detail)} (HTTP {exc.status})")
+        fail(f"{format_detail(exc.detail)} (HTTP {exc.status})")
     if isinstance(exc, OSError) and exc.filename:  # the download directory, say
-        _fail(f"{exc.strerror or exc}: {exc.filename}")
-    _fail(str(exc))
+        fail(f"{exc.strerror or exc}: {exc.filename}")
+    fail(str(exc))
 
 
 def _call(action: Callable[[], T]) -> T:
@@ -101,14 +97,14 @@ def load_spec(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        _fail(f"cannot read spec file {path}: it is not UTF-8 text", 2)
+        fail(f"cannot read spec file {path}: it is not UTF-8 text", 2)
     except OSError as exc:
-        _fail(f"cannot read spec file {path}: {exc.strerror or exc}", 2)
+        fail(f"cannot read spec file {path}: {exc.strerror or exc}", 2)
     if path.suffix.lower() == ".json":
         try:
             spec = json.loads(text)
         except json.JSONDecodeError as exc:
-            _fail(
+            fail(
                 f"spec file {path} is not valid JSON: {exc.msg} "
                 f"(line {exc.lineno}, column {exc.colno})",
                 2,
@@ -120,9 +116,9 @@ def load_spec(path: Path) -> dict[str, Any]:
             where = getattr(exc, "problem_mark", None)
             at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
             problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            _fail(f"spec file {path} is not valid YAML: {problem}{at}", 2)
+            fail(f"spec file {path} is not valid YAML: {problem}{at}", 2)
     if not isinstance(spec, dict):
-        _fail(f"spec file {path} must hold a mapping (the job spec), not {type(spec).__name__}", 2)
+        fail(f"spec file {path} must hold a mapping (the job spec), not {type(spec).__name__}", 2)
     return spec
 
 
@@ -295,7 +291,7 @@ def watch(
                 unreachable_since = unreachable_since or now
                 if now - unreachable_since > WATCH_RECONNECT_S:
                     progress.stop()
-                    _fail(str(exc))
+                    fail(str(exc))
                 time.sleep(interval)
                 continue
             except BirdError as exc:

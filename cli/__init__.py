@@ -1,0 +1,1 @@
+"""The ``bird`` command line (:mod:`cli.app`), one module per command group."""

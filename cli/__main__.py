@@ -1,0 +1,5 @@
+"""``python -m cli``: the ``bird`` command line."""
+
+from cli.app import app
+
+app()

@@ -1,0 +1,213 @@
+"""``bird datasets``: prepare, validate and describe datasets in the bird format.
+
+``bird datasets prepare <name>`` has one subcommand per converter of
+:mod:`bird_datasets.converters`, its flags built from the options the converter declares: a
+new converter file shows up here with its options and help, nothing to add to this module.
+The registry is imported only when ``prepare`` itself is used, so ``bird --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from typer.core import TyperCommand, TyperGroup
+
+from cli.common import fail, open_dataset_uri, split_csv
+
+if TYPE_CHECKING:
+    from bird_datasets.converters import Converter, ConverterOption
+
+__all__ = ["datasets_app"]
+
+datasets_app = typer.Typer(
+    help="Prepare, validate and describe datasets in the bird format (Parquet + manifest).",
+    no_args_is_help=True,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# prepare: one subcommand per registered converter
+# --------------------------------------------------------------------------------------------
+
+
+def _option_parameter(option: ConverterOption) -> inspect.Parameter:
+    """The Typer parameter of one declared converter option."""
+    if option.type is list:
+        # A list of names on the command line: comma-separated, split before the call.
+        annotation: Any = str | None
+        default = ",".join(option.default) if option.default is not None else None
+    else:
+        annotation = option.type | None
+        default = option.default
+    info = typer.Option(
+        option.flag,
+        help=f"{option.help} (required)" if option.required else option.help,
+        min=option.minimum,
+        show_default=default is not None,
+    )
+    return inspect.Parameter(
+        option.name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=default,
+        annotation=Annotated[annotation, info],
+    )
+
+
+def _prepare(converter: Converter, out: str, seed: int, values: dict[str, Any]) -> None:
+    """Check the options, open --out, run the converter, print what it wrote."""
+    from service.storage import StorageError
+
+    lists = {o.name for o in converter.options if o.type is list}
+    options = {
+        name: split_csv(value) if name in lists and value is not None else value
+        for name, value in values.items()
+    }
+    try:
+        # Fails in milliseconds, naming the flag or the missing file, before anything is read.
+        given = converter.check_options(options)
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc), 2)
+    store, prefix = open_dataset_uri(out)
+    try:
+        # Fail before the (possibly long) conversion if the destination is unusable.
+        store.ping()
+    except StorageError as exc:
+        fail(str(exc), 1)
+    try:
+        manifest = converter.run(store, prefix, seed=seed, **given)
+    except StorageError as exc:
+        fail(str(exc), 1)
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc), 2)
+    counts = manifest.metadata.get("counts", {})
+    rows = ", ".join(f"{split} {n}" for split, n in counts.items())
+    typer.echo(
+        f"wrote {converter.name} to {store.uri(prefix)}: {rows} rows in "
+        f"{len(manifest.files)} part(s)"
+    )
+
+
+def _converter_command(converter: Converter) -> TyperCommand:
+    """The ``bird datasets prepare <name>`` command of ``converter``."""
+
+    def command(ctx: typer.Context, out: str, seed: int, **values: Any) -> None:
+        # Flags the converter does not declare arrive here (ignore_unknown_options below), so
+        # that they get a one-line error listing the flags it takes, like every error of bird.
+        if ctx.args:
+            takes = ", ".join(["--out", "--seed", *(o.flag for o in converter.options)])
+            extra = next((a for a in ctx.args if a.startswith("-")), ctx.args[0])
+            fail(f"{converter.name} does not take {extra}; it takes {takes}", 2)
+        _prepare(converter, out, seed, values)
+
+    parameters = [
+        inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+        inspect.Parameter(
+            "out",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=Annotated[
+                str, typer.Option(help="Where to write: s3://bucket/prefix or a local directory.")
+            ],
+        ),
+        inspect.Parameter(
+            "seed",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=0,
+            annotation=Annotated[
+                int, typer.Option(help="Seed for splits, subsamples and versions.", min=0)
+            ],
+        ),
+        *(_option_parameter(option) for option in converter.options),
+    ]
+    command.__signature__ = inspect.Signature(parameters, return_annotation=None)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in parameters} | {"return": None}
+    command.__doc__ = converter.summary
+    app = typer.Typer(add_completion=False)
+    app.command(
+        converter.name,
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    )(command)
+    return typer.main.get_command(app)  # type: ignore[return-value]
+
+
+class _ConverterGroup(TyperGroup):
+    """``bird datasets prepare``: its subcommands are the converters of the registry."""
+
+    def list_commands(self, ctx: typer.Context) -> list[str]:
+        from bird_datasets.converters import available_converters
+
+        return list(available_converters())
+
+    def get_command(self, ctx: typer.Context, cmd_name: str) -> TyperCommand | None:
+        from bird_datasets.converters import UnknownConverterError, get_converter
+
+        try:
+            return _converter_command(get_converter(cmd_name))
+        except UnknownConverterError:
+            return None
+
+    def resolve_command(
+        self, ctx: typer.Context, args: list[str]
+    ) -> tuple[str | None, Any, list[str]]:
+        from bird_datasets.converters import UnknownConverterError, get_converter
+
+        if args and not args[0].startswith("-"):
+            try:
+                converter = get_converter(args[0])
+            except UnknownConverterError as exc:
+                fail(str(exc), 2)
+            return converter.name, _converter_command(converter), args[1:]
+        return super().resolve_command(ctx, args)
+
+
+prepare_app = typer.Typer(
+    cls=_ConverterGroup,
+    help="Convert a dataset to the bird format and publish it at --out (manifest written last).",
+    no_args_is_help=True,
+)
+datasets_app.add_typer(prepare_app, name="prepare")
+
+
+# --------------------------------------------------------------------------------------------
+# validate, describe
+# --------------------------------------------------------------------------------------------
+
+
+@datasets_app.command("validate")
+def datasets_validate(
+    uri: Annotated[str, typer.Argument(help="s3://bucket/prefix or a local directory.")],
+    max_images: Annotated[
+        int, typer.Option(help="Images decoded per split at most.", min=0)
+    ] = 2000,
+) -> None:
+    """Check a dataset against the format: exit 0 and 'OK: ...', or exit 1 listing the problems."""
+    from bird_datasets.validation import validate_dataset
+    from service.storage import StorageError
+
+    store, prefix = open_dataset_uri(uri)
+    try:
+        report = validate_dataset(store, prefix, max_images_per_split=max_images)
+    except StorageError as exc:
+        fail(str(exc), 1)
+    typer.echo(report.summary())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@datasets_app.command("describe")
+def datasets_describe(
+    uri: Annotated[str, typer.Argument(help="s3://bucket/prefix or a local directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the counts as JSON.")] = False,
+) -> None:
+    """Print the rows per split × class × group, with each class's majority-group share."""
+    from bird_datasets.describe import describe_dataset, render_description
+    from service.storage import StorageError
+
+    store, prefix = open_dataset_uri(uri)
+    try:
+        description = describe_dataset(store, prefix)
+    except StorageError as exc:
+        fail(str(exc), 1)
+    typer.echo(json.dumps(description, indent=2) if as_json else render_description(description))
