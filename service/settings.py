@@ -66,6 +66,12 @@ class Settings(BaseSettings):
         description="Running jobs a tenant may have at once; the claim leaves the tenant's "
         "other jobs queued. None: no limit (fair sharing still applies).",
     )
+    allow_external_uris: bool = Field(
+        default=False,
+        description="Let job specs name data outside the tenant's space: absolute paths, "
+        "file:// and s3:// URIs (any bucket the deployment's credentials reach). Only for a "
+        "single-user install: with it, every tenant reads whatever the deployment can.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("database_url")

@@ -306,13 +306,21 @@ def precompute_features(
     lock_stale_after_s: float = 60,
     recompute_corrupt: bool = False,
     on_progress: Callable[[str], None] | None = None,
+    cache_store: ObjectStore | None = None,
 ) -> FeatureSet:
     """Features of ``teacher`` for every row of the dataset: reused if published, else computed.
+
+    The dataset is read from ``store`` at ``dataset_prefix``; the features are published under
+    ``features/<key>`` of ``cache_store`` (default: ``store``) — jobs pass the deployment's
+    store, so derived data never lands inside a dataset's location, and the key (a hash of the
+    dataset's content and the teacher) lets every job with the same inputs reuse it.
 
     Returns the published :class:`FeatureSet`. Raises :class:`FeatureError` naming the shard's
     URI when a cached shard fails its checksum (unless ``recompute_corrupt``).
     """
-    dataset_sha, dataset_manifest = dataset_fingerprint(store, dataset_prefix)
+    data_store = store
+    store = cache_store if cache_store is not None else data_store
+    dataset_sha, dataset_manifest = dataset_fingerprint(data_store, dataset_prefix)
     key = feature_key(
         teacher,
         dataset_sha,
@@ -348,6 +356,7 @@ def precompute_features(
             return existing
         return _compute_and_publish(
             store,
+            data_store,
             dataset_prefix,
             dataset_manifest,
             teacher,
@@ -370,6 +379,7 @@ def precompute_features(
 
 def _compute_and_publish(
     store: ObjectStore,
+    data_store: ObjectStore,
     dataset_prefix: str,
     dataset_manifest: Manifest,
     teacher: TeacherSource,
@@ -392,7 +402,7 @@ def _compute_and_publish(
     dataset_meta, _ = parse_metadata(dataset_manifest.metadata)
     # Decoded with the channels the dataset declares, as everywhere (bird_datasets.codec).
     image_shape = dataset_meta.image_shape if dataset_meta is not None else None
-    ds = _read_dataset(store, dataset_prefix, dataset_manifest)
+    ds = _read_dataset(data_store, dataset_prefix, dataset_manifest)
     ds = ds.map_batches(
         decode_stage,
         fn_kwargs={"image_shape": image_shape},
@@ -425,7 +435,6 @@ def _compute_and_publish(
         "run": run_id,
         "teacher": teacher.identity(),
         "dataset_sha256": dataset_sha,
-        "dataset_prefix": dataset_prefix,
         "preprocessing": dataset_preprocessing,
     }
     probe_state: dict[str, np.ndarray] | None = None

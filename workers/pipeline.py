@@ -25,13 +25,19 @@ from typing import Any
 from bird_core.checkpoint import CheckpointError, load_student
 from bird_core.train import evaluate
 from bird_datasets.format import DatasetError
-from bird_datasets.location import resolve_dataset_uri
+from bird_datasets.location import (
+    external_refused,
+    is_external_uri,
+    resolve_dataset_uri,
+    resolve_tenant_key,
+)
 from bird_datasets.reader import read_dataset_meta
 from service.models import JobStage
 from service.settings import Settings
 from service.spec import JobSpec
 from service.storage import (
     BucketNotFoundError,
+    InvalidKeyError,
     ObjectNotFoundError,
     ObjectStore,
     join_key,
@@ -102,6 +108,25 @@ def job_prefix(job_id: int) -> str:
     return f"jobs/{job_id}"
 
 
+def _tenant_teacher(spec: JobSpec, settings: Settings, tenant_id: int | None) -> Any:
+    """The spec's teacher with ``weights_uri`` made a key of the tenant's space (or refused
+    by its form, as the API does, unless ``settings.allow_external_uris``)."""
+    uri = spec.teacher.weights_uri
+    if uri is None:
+        return spec.teacher
+    if is_external_uri(uri):
+        if settings.allow_external_uris:
+            return spec.teacher
+        raise TeacherLoadError(
+            external_refused("teacher weights URI", uri, "teachers/<name>/model.safetensors")
+        )
+    try:
+        key = resolve_tenant_key(uri, tenant_id)
+    except InvalidKeyError as error:
+        raise TeacherLoadError(f"invalid teacher weights URI {uri!r}: {error}") from error
+    return spec.teacher.model_copy(update={"weights_uri": key})
+
+
 def run_job(
     job_id: int,
     spec: JobSpec,
@@ -109,20 +134,30 @@ def run_job(
     settings: Settings,
     store: ObjectStore,
     control: JobControl,
+    tenant_id: int | None = None,
 ) -> JobResult:
-    """Run job ``job_id`` to the end (or to a cancellation); see the module docstring."""
+    """Run job ``job_id`` of tenant ``tenant_id`` to the end (or to a cancellation); see the
+    module docstring. The spec's dataset and teacher are names in the tenant's space
+    (:mod:`bird_datasets.location`); ``tenant_id`` None reads them from the store's root."""
     base = job_prefix(job_id)
     database_url = settings.resolved_database_url
     try:
         control.enter(JobStage.PRECOMPUTING, 0.01)
-        data_store, prefix = resolve_dataset_uri(spec.dataset.uri, settings, store)
+        data_store, prefix = resolve_dataset_uri(
+            spec.dataset.uri, settings, store, tenant_id=tenant_id
+        )
         meta = read_dataset_meta(data_store, prefix)
         splits = load_splits(data_store, prefix)  # validates every row against the format
-        teacher = teacher_source_from_spec(store, spec.teacher, meta.num_classes)
+        teacher = teacher_source_from_spec(
+            store, _tenant_teacher(spec, settings, tenant_id), meta.num_classes
+        )
         features = precompute_features(
             data_store,
             prefix,
             teacher,
+            # Derived data lives in the deployment's store, keyed by content, never in the
+            # dataset's location (which may be shared, or not the deployment's at all).
+            cache_store=store,
             dataset_preprocessing=splits.preprocessing,
             probe_epochs=spec.teacher.probe_epochs,
             seed=spec.seed,

@@ -194,7 +194,12 @@ class Worker:
         started = time.monotonic()
         try:
             result = run_job(
-                job.id, spec, settings=self.settings, store=self.store, control=control
+                job.id,
+                spec,
+                settings=self.settings,
+                store=self.store,
+                control=control,
+                tenant_id=job.tenant_id,
             )
             if result.cancelled:
                 outcome = ("cancel", "cancelled during training")

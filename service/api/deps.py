@@ -193,11 +193,13 @@ class AppState:
             return scoped(store, prefix) if prefix else store
         return self._cached_store(url)
 
-    def resolve_dataset(self, uri: str) -> tuple[ObjectStore, str]:
-        """The store and prefix a job spec's ``dataset.uri`` names (see
-        :func:`bird_datasets.location.resolve_dataset_uri`). Raises
+    def resolve_dataset(self, uri: str, tenant_id: int | None = None) -> tuple[ObjectStore, str]:
+        """The store and prefix a job spec's ``dataset.uri`` names in the space of tenant
+        ``tenant_id`` (see :func:`bird_datasets.location.resolve_dataset_uri`). Raises
         :class:`~bird_datasets.location.DatasetURIError`."""
-        return resolve_dataset_uri(uri, self.settings, self.store, opener=self._dataset_store)
+        return resolve_dataset_uri(
+            uri, self.settings, self.store, tenant_id=tenant_id, opener=self._dataset_store
+        )
 
     def resolve_object(self, uri: str) -> tuple[ObjectStore, str]:
         """The store and key of an object recorded by a worker (a checkpoint archive).

@@ -52,7 +52,8 @@ from tests.integration.db_fixtures import _admin_engine, pg_schema_url
 S3_KEY_ID = "testing"
 S3_SECRET = "testing"
 S3_REGION = "us-east-1"
-TINY_DATASET_PREFIX = "datasets/tiny"
+# Published by the operator for every tenant (read-only shared data).
+TINY_DATASET_PREFIX = "shared/datasets/tiny"
 # Environment that keeps every AWS SDK in the process on the fake credentials (see conftest's
 # aws_isolated_env; that fixture is function-scoped, these servers live for a module).
 _AWS_ENV = {

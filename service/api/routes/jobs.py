@@ -24,7 +24,7 @@ from sqlalchemy import Connection, and_, bindparam, func, select, true
 from sqlalchemy.orm import Session
 
 from bird_datasets.format import parse_metadata
-from bird_datasets.location import DatasetURIError
+from bird_datasets.location import DatasetURIError, external_refused, is_external_uri
 from service import queue
 from service.api.deps import AppState, Caller, DbDep, StateDep
 from service.api.edges import invalid_text_at
@@ -124,32 +124,30 @@ def _non_finite(value: Any, loc: tuple[str | int, ...] = ()) -> tuple[str | int,
     return None
 
 
-def check_dataset(state: AppState, uri: str) -> None:
-    """Check that ``uri`` names a published bird dataset; 422 (or 503 for an outage) if not.
+def check_dataset(state: AppState, uri: str, tenant_id: int | None = None) -> None:
+    """Check that ``uri`` names a published bird dataset of tenant ``tenant_id`` (or a shared
+    one); 422 (or 503 for an outage) if not.
 
     The dataset exists once its ``manifest.json`` does (``service.storage.publish`` writes it
-    last); its metadata must describe a bird dataset.
+    last); its metadata must describe a bird dataset. The messages name the dataset as the
+    caller wrote it and never where it is stored, and a name outside the caller's space is
+    refused by its form before anything is read, so no answer tells whether something exists
+    where the caller may not look.
     """
     loc = ("body", "dataset", "uri")
     try:
-        store, prefix = state.resolve_dataset(uri)
+        store, prefix = state.resolve_dataset(uri, tenant_id)
     except DatasetURIError as exc:
         raise _invalid(loc, str(exc), uri) from None
-    where = store.uri(prefix)
     manifest_key = join_key(prefix, MANIFEST_NAME)
     try:
         raw = store.get_bytes(manifest_key)
     except (ObjectNotFoundError, BucketNotFoundError, InvalidKeyError):
-        raise _invalid(
-            loc,
-            f"dataset {uri!r} does not exist: no manifest at {store.uri(manifest_key)} "
-            "(publish it with 'bird datasets prepare' or service.storage.publish)",
-            uri,
-        ) from None
+        raise _invalid(loc, dataset_missing(uri), uri) from None
     except StorageError as exc:
         # An outage is a 503: S3 not answering, or our own store refusing us. Anything about a
-        # location the user named (a local path that is a file, a bucket we may not read) is a
-        # problem with the request.
+        # location the user named (a local path that is a file, a bucket we may not read:
+        # only with allow_external_uris) is a problem with the request.
         if isinstance(store, LocalStore):
             outage = store is state.store and isinstance(exc, StorageAuthError)
         else:
@@ -160,18 +158,35 @@ def check_dataset(state: AppState, uri: str) -> None:
                 f"object store unavailable while checking dataset {uri!r}: {exc}",
                 headers={"Retry-After": "5"},
             ) from None
-        raise _invalid(loc, f"cannot read dataset {uri!r} at {where}: {exc}", uri) from None
+        raise _invalid(loc, f"cannot read dataset {uri!r}", uri) from None
     try:
         manifest = Manifest.model_validate_json(raw)
     except (ValidationError, ValueError):
         # The parser's message would quote the file; say what is wrong without echoing it.
-        raise _invalid(
-            loc, f"dataset {uri!r}: {store.uri(manifest_key)} is not a valid manifest", uri
-        ) from None
+        raise _invalid(loc, f"dataset {uri!r} has no valid manifest", uri) from None
     _meta, problems = parse_metadata(manifest.metadata)
     if problems:
         details = "; ".join(message for _, message in problems[:3])
-        raise _invalid(loc, f"{where} is not a bird dataset: {details}", uri)
+        raise _invalid(loc, f"dataset {uri!r} is not a bird dataset: {details}", uri)
+
+
+def dataset_missing(uri: str) -> str:
+    """The one answer for a dataset name that names nothing the caller may read."""
+    return (
+        f"dataset {uri!r} does not exist (upload one with 'bird datasets push' or "
+        "POST /datasets; shared ones are named shared/datasets/<name>)"
+    )
+
+
+def check_teacher_uri(state: AppState, uri: str | None) -> None:
+    """Refuse a ``teacher.weights_uri`` outside the tenant's space by its form (422)."""
+    if uri is None or state.settings.allow_external_uris or not is_external_uri(uri):
+        return
+    raise _invalid(
+        ("body", "teacher", "weights_uri"),
+        external_refused("teacher weights URI", uri, "teachers/<name>/model.safetensors"),
+        uri,
+    )
 
 
 @router.post(
@@ -230,6 +245,7 @@ async def submit_job(
             "UTF-8 encoding",
             None,
         )
+    check_teacher_uri(state, spec.teacher.weights_uri)
     spec_json = spec.model_dump(mode="json")
     max_queued = state.settings.max_queued_per_tenant
 
@@ -253,7 +269,7 @@ async def submit_job(
         # (submit() enforces the limit again, atomically). This also ends the read transaction,
         # handing the connection back while the dataset is checked.
         queue.check_queue_room(session, caller.tenant_id, max_queued)
-        check_dataset(state, spec.dataset.uri)
+        check_dataset(state, spec.dataset.uri, caller.tenant_id)
         job = queue.submit(
             session,
             caller.tenant_id,
