@@ -66,6 +66,13 @@ class Settings(BaseSettings):
         description="Running jobs a tenant may have at once; the claim leaves the tenant's "
         "other jobs queued. None: no limit (fair sharing still applies).",
     )
+    max_upload_bytes: int = Field(
+        default=4 * 1024**3,
+        ge=1024,
+        le=5 * 1024**4,
+        description="Largest file one dataset upload may declare (POST /datasets); with a "
+        "local store also the largest body PUT to the API's upload route.",
+    )
     allow_external_uris: bool = Field(
         default=False,
         description="Let job specs name data outside the tenant's space: absolute paths, "

@@ -35,7 +35,7 @@ from starlette.routing import Match
 from service import queue
 from service.api.deps import READ_THREADS, WRITE_THREADS, AppState
 from service.api.edges import AccessLogRedaction, BodyLimitMiddleware, bounded_errors
-from service.api.routes import checkpoints, health, jobs
+from service.api.routes import checkpoints, datasets, health, jobs
 from service.api.schemas import error_responses
 from service.db import make_engine, session_factory
 from service.settings import Settings
@@ -301,11 +301,16 @@ def create_app(
         responses=error_responses(413),
     )
     app.state.bird = state
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        upload_max_bytes=settings.max_upload_bytes,
+    )
     _register_errors(app)
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(checkpoints.router)
+    app.include_router(datasets.router)
 
     if DASHBOARD_DIR.is_dir():
         app.mount("/ui", StaticFiles(directory=DASHBOARD_DIR, html=True), name="ui")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qsl
@@ -84,6 +85,9 @@ def _declared_length(scope: Scope) -> int | None:
     return None
 
 
+_UPLOAD_PATH = re.compile(r"^/datasets/[^/]+/files/.+")
+
+
 class BodyLimitMiddleware:
     """ASGI middleware: refuse request bodies over ``max_bytes`` with 413, counting as they come.
 
@@ -94,18 +98,28 @@ class BodyLimitMiddleware:
     read.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, upload_max_bytes: int | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.upload_max_bytes = upload_max_bytes if upload_max_bytes is not None else max_bytes
+
+    def _limit(self, scope: Scope) -> int:
+        """The limit of this request: a file PUT to a dataset upload (a local store's upload
+        route) may be as large as one dataset file; everything else is JSON."""
+        path = scope.get("path", "")
+        if scope.get("method") == "PUT" and _UPLOAD_PATH.match(path):
+            return self.upload_max_bytes
+        return self.max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the application with a counting ``receive``; answer 413 when it overflows."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self._limit(scope)
         declared = _declared_length(scope)
-        if declared is not None and declared > self.max_bytes:
-            await self._refuse(scope, receive, send)
+        if declared is not None and declared > limit:
+            await self._refuse(scope, receive, send, limit)
             return
         received = 0
         response_started = False
@@ -115,8 +129,8 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise BodyTooLarge(self.max_bytes)
+                if received > limit:
+                    raise BodyTooLarge(limit)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -132,10 +146,10 @@ class BodyLimitMiddleware:
             # the routes (a middleware, a mounted app).
             if response_started:
                 raise
-            await self._refuse(scope, receive, send)
+            await self._refuse(scope, receive, send, limit)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        error = BodyTooLarge(self.max_bytes)
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        error = BodyTooLarge(limit)
         response = JSONResponse(
             {"detail": error.detail}, status_code=error.status_code, headers=error.headers
         )

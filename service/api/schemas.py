@@ -42,6 +42,12 @@ from service.spec import JobSpec
 
 __all__ = [
     "CheckpointPublic",
+    "DatasetCreate",
+    "DatasetDescription",
+    "DatasetFile",
+    "DatasetList",
+    "DatasetPublic",
+    "DatasetUpload",
     "ErrorPublic",
     "EventPublic",
     "GroupRow",
@@ -54,6 +60,7 @@ __all__ = [
     "MetricPoint",
     "MetricsPublic",
     "TrialPublic",
+    "UploadURL",
     "ValidationErrorPublic",
     "ValidationIssue",
     "error_responses",
@@ -273,6 +280,93 @@ class CheckpointPublic(BaseModel):
         )
 
 
+class DatasetFile(BaseModel):
+    """One file of a dataset upload, relative to the dataset (``part-00000.parquet``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(
+        min_length=1,
+        max_length=255,
+        # One or more plain segments: no '..', no leading '/', no empty segment.
+        pattern=r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$",
+    )
+    size: int = Field(ge=0, description="Bytes of the file (at most BIRD_MAX_UPLOAD_BYTES).")
+
+
+class DatasetCreate(BaseModel):
+    """``POST /datasets``: a dataset to upload, by name, and the files it consists of."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$",
+        description="Jobs name it datasets/<name>; lower-case letters, digits, '.', '_', '-'.",
+    )
+    files: list[DatasetFile] = Field(
+        min_length=1,
+        max_length=10_000,
+        description="Every file of the dataset directory, manifest.json included.",
+    )
+
+
+class UploadURL(BaseModel):
+    """Where to send one file of an upload."""
+
+    path: str
+    method: str = "PUT"
+    url: str = Field(
+        description="A presigned S3 URL (send no Authorization header), or this API's "
+        "/datasets/<name>/files/<path> for a local store (send the bearer key)."
+    )
+
+
+class DatasetUpload(BaseModel):
+    """The answer to ``POST /datasets``: an upload URL per file; send manifest.json last."""
+
+    name: str
+    uri: str = Field(description="What a job's dataset.uri names it: datasets/<name>.")
+    expires_in_s: int
+    uploads: list[UploadURL]
+
+
+class DatasetPublic(BaseModel):
+    """One dataset of a listing."""
+
+    name: str
+    uri: str = Field(description="What a job's dataset.uri names it.")
+    shared: bool = Field(description="Published by the operator for every tenant (read-only).")
+    files: int
+    size: int = Field(description="Bytes of its files, manifest excluded.")
+    created_at: datetime
+    description: dict[str, Any] = Field(
+        description="From its metadata: name, task, num_classes, num_groups."
+    )
+
+
+class DatasetList(BaseModel):
+    """``GET /datasets``: the tenant's datasets, then the shared ones."""
+
+    items: list[DatasetPublic]
+
+
+class DatasetDescription(BaseModel):
+    """``GET /datasets/{name}``: counts per split × class × group, and the same as a table."""
+
+    model_config = ConfigDict(extra="allow")
+
+    uri: str
+    name: str
+    task: str
+    num_classes: int
+    num_groups: int
+    class_names: list[str]
+    group_names: list[str]
+    rows: int
+    splits: dict[str, Any]
+    table: str = Field(description="The table `bird datasets describe` prints.")
+
+
 class Health(BaseModel):
     """Answer of the health and readiness probes."""
 
@@ -323,7 +417,7 @@ _ERROR_RESPONSES: Mapping[int, dict[str, Any]] = {
         "headers": {"WWW-Authenticate": _header("The scheme to use.", "Bearer")},
     },
     404: {"description": "No such job (or it belongs to another tenant)."},
-    409: {"description": "The request conflicts with the job's state."},
+    409: {"description": "The request conflicts with the resource's state."},
     413: {"description": "The request body is over the deployment's limit (BIRD_MAX_BODY_BYTES)."},
     422: {
         "model": ValidationErrorPublic,

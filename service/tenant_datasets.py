@@ -1,0 +1,165 @@
+"""A tenant's datasets in the deployment's store: register, list, describe, delete.
+
+A tenant's dataset ``<name>`` lives under ``tenants/<id>/datasets/<name>/``
+(:func:`bird_datasets.location.tenant_prefix`), so the name a job gives (``datasets/<name>``)
+resolves to it and to nothing of another tenant. Operators publish read-only datasets for
+everyone under ``shared/datasets/<name>/``; they are listed, never written or deleted here.
+
+A dataset exists once its ``manifest.json`` does: an upload sends the parts first and the
+manifest last (``bird datasets push`` does), as ``service.storage.publish`` writes it.
+
+Every function takes the tenant and builds the key itself: no caller can name a key outside
+the tenant's prefix, so another tenant's dataset and a missing one are the same
+:class:`DatasetNotFound`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from bird_datasets.describe import describe_dataset, render_description
+from bird_datasets.location import SHARED_PREFIX, tenant_prefix
+from service.storage import (
+    MANIFEST_NAME,
+    Manifest,
+    ObjectNotFoundError,
+    ObjectStore,
+    join_key,
+)
+
+__all__ = [
+    "DATASET_NAME_PATTERN",
+    "DatasetExists",
+    "DatasetNotFound",
+    "DatasetSummary",
+    "dataset_key",
+    "delete_dataset",
+    "describe_tenant_dataset",
+    "list_datasets",
+    "upload_keys",
+]
+
+# Lower-case, digits, '.', '_' and '-': a single path segment, the same on S3 and in a directory.
+DATASET_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+DATASETS = "datasets"
+
+
+class DatasetNotFound(LookupError):
+    """No dataset of that name in the caller's space (another tenant's looks the same)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"dataset {name!r} not found")
+        self.name = name
+
+
+class DatasetExists(Exception):
+    """A complete dataset of that name exists already: delete it before uploading again."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"dataset {name!r} already exists; delete it (DELETE /datasets/{name}) to upload "
+            "it again"
+        )
+        self.name = name
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    """One row of a dataset listing: the name a job uses, its size and when it was made."""
+
+    name: str
+    uri: str
+    shared: bool
+    files: int
+    size: int
+    created_at: Any
+    description: dict[str, Any]
+
+
+def dataset_key(tenant_id: int, name: str) -> str:
+    """The store prefix of tenant ``tenant_id``'s dataset ``name``."""
+    return join_key(tenant_prefix(tenant_id), DATASETS, name)
+
+
+def _manifest(store: ObjectStore, prefix: str) -> Manifest | None:
+    try:
+        return Manifest.model_validate_json(store.get_bytes(join_key(prefix, MANIFEST_NAME)))
+    except ObjectNotFoundError:
+        return None
+    except ValueError:
+        return None  # an upload in progress (or a broken one): not a dataset yet
+
+
+def _names(store: ObjectStore, root: str) -> list[str]:
+    """Names of the datasets under ``root`` that have a manifest."""
+    names = set()
+    for info in store.list(root):
+        rest = info.key[len(root) + 1 :]
+        name, _, tail = rest.partition("/")
+        if tail == MANIFEST_NAME:
+            names.add(name)
+    return sorted(names)
+
+
+def list_datasets(store: ObjectStore, tenant_id: int) -> list[DatasetSummary]:
+    """The tenant's own datasets, then the shared ones, each sorted by name."""
+    rows: list[DatasetSummary] = []
+    for root, uri_root, shared in (
+        (join_key(tenant_prefix(tenant_id), DATASETS), DATASETS, False),
+        (join_key(SHARED_PREFIX, DATASETS), join_key(SHARED_PREFIX, DATASETS), True),
+    ):
+        for name in _names(store, root):
+            manifest = _manifest(store, join_key(root, name))
+            if manifest is None:
+                continue
+            rows.append(
+                DatasetSummary(
+                    name=name,
+                    uri=join_key(uri_root, name),
+                    shared=shared,
+                    files=len(manifest.files),
+                    size=sum(entry.size for entry in manifest.files.values()),
+                    created_at=manifest.created_at,
+                    description={
+                        k: manifest.metadata.get(k)
+                        for k in ("name", "task", "num_classes", "num_groups")
+                        if k in manifest.metadata
+                    },
+                )
+            )
+    return rows
+
+
+def describe_tenant_dataset(store: ObjectStore, tenant_id: int, name: str) -> dict[str, Any]:
+    """The counts per split × class × group of the tenant's dataset ``name`` and the table
+    ``bird datasets describe`` prints (``table``); :class:`DatasetNotFound` if there is none."""
+    prefix = dataset_key(tenant_id, name)
+    if _manifest(store, prefix) is None:
+        raise DatasetNotFound(name)
+    description = describe_dataset(store, prefix)
+    # The name the tenant uses, never where the store keeps it.
+    description["uri"] = join_key(DATASETS, name)
+    description["table"] = render_description(description)
+    return description
+
+
+def delete_dataset(store: ObjectStore, tenant_id: int, name: str) -> None:
+    """Delete the tenant's dataset ``name`` (and any unfinished upload of it); jobs already
+    running keep their copy of its features. :class:`DatasetNotFound` if nothing is there."""
+    prefix = dataset_key(tenant_id, name)
+    if not store.list(prefix):
+        raise DatasetNotFound(name)
+    store.delete_prefix(prefix)
+
+
+def upload_keys(store: ObjectStore, tenant_id: int, name: str, paths: list[str]) -> dict[str, str]:
+    """The store key of each file ``paths`` of an upload of the tenant's dataset ``name``.
+
+    :class:`DatasetExists` if a complete dataset of that name is there (an unfinished upload
+    may be sent again). The paths are validated keys relative to the dataset.
+    """
+    prefix = dataset_key(tenant_id, name)
+    if _manifest(store, prefix) is not None:
+        raise DatasetExists(name)
+    return {path: join_key(prefix, path) for path in paths}

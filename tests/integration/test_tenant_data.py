@@ -1,0 +1,367 @@
+"""Tenants own their data: datasets as tenant resources, names in the tenant's own space, the
+attacks of a tenant on another's data, and the cross-tenant matrix.
+
+Real parts: PostgreSQL, the moto S3 server and a local store, the API over real HTTP, the
+Python client. Each test lists the whole store (every bucket of the S3 endpoint) before and
+after, to show that nothing was written outside the tenant's and the deployment's prefixes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bird_datasets.location import tenant_prefix
+from service.client import BirdAPIError, BirdClient
+from service.storage import LocalStore, S3Store, open_store
+from tests.integration.api_fixtures import (
+    LiveAPI,
+    job_spec,
+    publish_checkpoint,
+    publish_tiny_dataset,
+)
+
+NOWHERE = "nothing-here"
+
+
+def _s3_objects(store: S3Store) -> dict[tuple[str, str], str]:
+    """Every object of every bucket on the S3 endpoint, with its ETag."""
+    objects: dict[tuple[str, str], str] = {}
+    paginator = store.client.get_paginator("list_objects_v2")
+    for bucket in store.client.list_buckets()["Buckets"]:
+        for page in paginator.paginate(Bucket=bucket["Name"]):
+            for item in page.get("Contents", []):
+                objects[(bucket["Name"], item["Key"])] = item["ETag"]
+    return objects
+
+
+def _local_objects(root: Path) -> dict[str, str]:
+    """Every file under ``root``, with its sha256."""
+    return {
+        path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
+
+
+def _dataset_dir(tmp_path: Path) -> Path:
+    """A valid local dataset directory (what `bird datasets prepare --out DIR` writes)."""
+    publish_tiny_dataset(LocalStore(tmp_path), "ds")
+    return tmp_path / "ds"
+
+
+@pytest.fixture
+def http(live_api: LiveAPI) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=live_api.base_url, headers=live_api.headers()) as client:
+        yield client
+
+
+def _errors(response: httpx.Response) -> dict[tuple, str]:
+    assert response.status_code == 422, response.text
+    return {tuple(item["loc"]): item["msg"] for item in response.json()["detail"]}
+
+
+# --- datasets as tenant resources ----------------------------------------------------------
+
+
+def test_push_list_describe_use_and_delete_a_dataset_on_s3(
+    live_api: LiveAPI, http: httpx.Client, tmp_path: Path
+) -> None:
+    store = live_api.store
+    assert isinstance(store, S3Store)
+    before = _s3_objects(store)
+    own = f"{store.prefix}/{tenant_prefix(live_api.tenant_id)}/datasets/mine/"
+
+    with BirdClient(live_api.base_url, live_api.api_key) as client:
+        row = client.push_dataset(_dataset_dir(tmp_path), "mine")
+        assert (row["name"], row["uri"], row["shared"]) == ("mine", "datasets/mine", False)
+        assert row["description"]["num_classes"] == 2
+
+        # Every byte written lies under the tenant's own prefix of the deployment's bucket.
+        written = {k for k, v in _s3_objects(store).items() if before.get(k) != v}
+        assert written and all(
+            bucket == store.bucket and key.startswith(own) for bucket, key in written
+        ), written
+        assert (store.bucket, own + "manifest.json") in written
+
+        assert [r["uri"] for r in client.list_datasets() if not r["shared"]] == ["datasets/mine"]
+        described = client.describe_dataset("mine")
+        assert described["uri"] == "datasets/mine" and described["rows"] == 6
+        assert described["splits"]["test"]["rows"] == 2
+        assert "train" in described["table"] and "group" in described["table"]
+        # The answer names the dataset as the tenant does, never the bucket or the prefix.
+        assert store.bucket not in json.dumps(described)
+
+    job = http.post("/jobs", json=job_spec("datasets/mine"))
+    assert job.status_code == 201, job.text
+
+    again = http.post(
+        "/datasets", json={"name": "mine", "files": [{"path": "manifest.json", "size": 1}]}
+    )
+    assert again.status_code == 409
+    assert "already exists" in again.json()["detail"]
+
+    assert http.delete("/datasets/mine").status_code == 204
+    gone = http.get("/datasets/mine")
+    assert (gone.status_code, gone.json()["detail"]) == (404, "dataset 'mine' not found")
+    assert (
+        "does not exist"
+        in _errors(http.post("/jobs", json=job_spec("datasets/mine")))[("body", "dataset", "uri")]
+    )
+    assert _s3_objects(store) == before
+
+
+def test_presigned_upload_urls_name_one_key_each_and_the_manifest_comes_last(
+    live_api: LiveAPI, http: httpx.Client
+) -> None:
+    files = [{"path": "manifest.json", "size": 10}, {"path": "part-00000.parquet", "size": 20}]
+    answer = http.post("/datasets", json={"name": "urls", "files": files})
+    assert answer.status_code == 201, answer.text
+    body = answer.json()
+    assert body["uri"] == "datasets/urls"
+    assert [u["path"] for u in body["uploads"]] == ["part-00000.parquet", "manifest.json"]
+    for upload in body["uploads"]:
+        assert upload["method"] == "PUT"
+        assert upload["url"].startswith(live_api.settings.s3_endpoint_url)
+        assert f"/tenants/{live_api.tenant_id}/datasets/urls/{upload['path']}?" in upload["url"]
+    # Registering writes nothing; an upload that never finished is not a dataset.
+    assert http.get("/datasets/urls").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("body", "loc"),
+    [
+        ({"name": "Bad Name", "files": [{"path": "manifest.json", "size": 1}]}, ("body", "name")),
+        ({"name": "../x", "files": [{"path": "manifest.json", "size": 1}]}, ("body", "name")),
+        ({"name": "ok", "files": [{"path": "part.parquet", "size": 1}]}, ("body", "files")),
+        (
+            {"name": "ok", "files": [{"path": "../../jobs/1/x", "size": 1}]},
+            ("body", "files", 0, "path"),
+        ),
+        ({"name": "ok", "files": [{"path": "/abs", "size": 1}]}, ("body", "files", 0, "path")),
+        (
+            {"name": "ok", "files": [{"path": "manifest.json", "size": 10**15}]},
+            ("body", "files", 0, "size"),
+        ),
+    ],
+)
+def test_a_bad_upload_is_422_naming_the_field(http: httpx.Client, body: dict, loc: tuple) -> None:
+    assert loc in _errors(http.post("/datasets", json=body))
+
+
+def test_a_local_store_takes_uploads_through_the_api(
+    live_api_local: LiveAPI, tmp_path: Path
+) -> None:
+    api = live_api_local
+    store = api.store
+    assert isinstance(store, LocalStore)
+    before = _local_objects(store.root)
+    with BirdClient(api.base_url, api.api_key) as client:
+        row = client.push_dataset(_dataset_dir(tmp_path), "mine")
+    assert row["uri"] == "datasets/mine"
+    after = _local_objects(store.root)
+    written = {k for k, v in after.items() if before.get(k) != v}
+    assert written and all(
+        k.startswith(f"{tenant_prefix(api.tenant_id)}/datasets/mine/") for k in written
+    )
+    # The upload route needs the key, and another tenant's upload lands in its own space.
+    with httpx.Client(base_url=api.base_url) as anonymous:
+        assert anonymous.put("/datasets/mine/files/x.bin", content=b"x").status_code == 401
+    other = api.new_key()
+    with httpx.Client(base_url=api.base_url, headers=api.headers(other.key)) as http:
+        # a's dataset is complete: for b the name is free, so b's upload goes to b's space.
+        assert http.put("/datasets/mine/files/x.bin", content=b"b").status_code == 204
+        # A '..' that survives the client's normalisation is refused by the path's pattern.
+        escape = http.put("/datasets/mine/files/%2E%2E/%2E%2E/x", content=b"b")
+        assert escape.status_code == 422, escape.text
+    assert (store.root / tenant_prefix(other.tenant_id) / "datasets/mine/x.bin").read_bytes() == (
+        b"b"
+    )
+    assert {k: v for k, v in _local_objects(store.root).items() if k in after} == after
+
+
+def test_the_upload_route_is_only_for_a_local_store(http: httpx.Client) -> None:
+    answer = http.put("/datasets/x/files/part.parquet", content=b"1")
+    assert answer.status_code == 404
+    assert "presigned URLs" in answer.json()["detail"]
+
+
+# --- the attacks ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def foreign_bucket(live_api: LiveAPI) -> Iterator[str]:
+    """Another bucket the deployment's credentials reach, holding a valid dataset."""
+    store = live_api.store
+    assert isinstance(store, S3Store)
+    name = f"bird-foreign-{uuid.uuid4().hex[:12]}"
+    store.client.create_bucket(Bucket=name)
+    try:
+        publish_tiny_dataset(open_store(f"s3://{name}", live_api.settings), "datasets/x")
+        yield name
+    finally:
+        foreign = open_store(f"s3://{name}", live_api.settings)
+        foreign.delete_prefix("")
+        store.client.delete_bucket(Bucket=name)
+
+
+def test_data_outside_the_tenants_space_is_refused_and_nothing_is_written(
+    live_api: LiveAPI, http: httpx.Client, foreign_bucket: str, tmp_path: Path
+) -> None:
+    store = live_api.store
+    assert isinstance(store, S3Store)
+    # Tenant a: a dataset and a job with a checkpoint.
+    publish_tiny_dataset(store, f"{tenant_prefix(live_api.tenant_id)}/datasets/a-data")
+    job_a = http.post("/jobs", json=job_spec("datasets/a-data")).json()["id"]
+    publish_checkpoint(live_api, job_a, "best")
+    local_dataset = _dataset_dir(tmp_path)
+
+    b = live_api.new_key()
+    before = _s3_objects(store)
+    refused = [
+        f"s3://{foreign_bucket}/datasets/x",  # another bucket: a valid dataset is there
+        f"s3://{foreign_bucket}/datasets/missing",
+        store.uri(f"{tenant_prefix(live_api.tenant_id)}/datasets/a-data"),  # a's, in full
+        store.uri(f"jobs/{job_a}/checkpoints/best"),
+        str(local_dataset),  # an absolute path to a dataset directory
+        local_dataset.as_uri(),
+        "/etc/passwd",
+        "/proc/self/environ",
+        "file:///etc/passwd",
+    ]
+    with httpx.Client(base_url=live_api.base_url, headers=live_api.headers(b.key)) as as_b:
+        for uri in refused:
+            message = _errors(as_b.post("/jobs", json=job_spec(uri)))[("body", "dataset", "uri")]
+            # One answer from the form alone: existing or missing, file or bucket.
+            assert message == (
+                f"dataset URI {uri!r} is refused: name one of your own (datasets/<name>) or a "
+                "shared one (shared/...); absolute paths, file:// and s3:// URIs are not "
+                "accepted by this deployment"
+            ), uri
+        # Relative names lie in b's space: a's dataset and checkpoints are missing, for b.
+        for uri in ("datasets/a-data", f"jobs/{job_a}/checkpoints/best", "datasets/never"):
+            message = _errors(as_b.post("/jobs", json=job_spec(uri)))[("body", "dataset", "uri")]
+            assert message == (
+                f"dataset {uri!r} does not exist (upload one with 'bird datasets push' or "
+                "POST /datasets; shared ones are named shared/datasets/<name>)"
+            )
+        for weights in (store.uri(f"jobs/{job_a}/checkpoints/best"), "/etc/passwd"):
+            spec = job_spec(
+                "shared/datasets/none",
+                teacher={"kind": "model", "arch": "small_cnn", "weights_uri": weights},
+            )
+            message = _errors(as_b.post("/jobs", json=spec))[("body", "teacher", "weights_uri")]
+            assert "is refused" in message and weights in message
+        assert as_b.get("/jobs").json()["total"] == 0
+    assert _s3_objects(store) == before
+
+
+def test_a_teacher_named_by_another_tenant_resolves_in_its_own_space(
+    live_api: LiveAPI,
+) -> None:
+    from service.spec import JobSpec
+    from workers.pipeline import _tenant_teacher
+    from workers.teachers import TeacherLoadError
+
+    spec = JobSpec.model_validate(
+        job_spec(
+            "datasets/x",
+            teacher={
+                "kind": "model",
+                "arch": "small_cnn",
+                "weights_uri": "jobs/7/checkpoints/best",
+            },
+        )
+    )
+    teacher = _tenant_teacher(spec, live_api.settings, 42)
+    assert teacher.weights_uri == "tenants/42/jobs/7/checkpoints/best"
+    shared = spec.model_copy(
+        update={"teacher": spec.teacher.model_copy(update={"weights_uri": "shared/teachers/t"})}
+    )
+    assert _tenant_teacher(shared, live_api.settings, 42).weights_uri == "shared/teachers/t"
+    outside = spec.model_copy(
+        update={"teacher": spec.teacher.model_copy(update={"weights_uri": "s3://b/k"})}
+    )
+    with pytest.raises(TeacherLoadError, match="is refused"):
+        _tenant_teacher(outside, live_api.settings, 42)
+
+
+# --- the cross-tenant matrix ---------------------------------------------------------------
+
+
+def _same_answer(theirs: httpx.Response, missing: httpx.Response, name: str) -> None:
+    """``theirs`` (b on a's object) equals ``missing`` (b on a name that exists nowhere)."""
+    assert theirs.status_code == missing.status_code, (theirs.text, missing.text)
+    assert theirs.headers.get("content-type") == missing.headers.get("content-type")
+    assert theirs.text.replace(name, "<name>") == missing.text.replace(NOWHERE, "<name>").replace(
+        str(2**31 - 1), "<name>"
+    )
+
+
+def test_cross_tenant_matrix(live_api: LiveAPI, http: httpx.Client, tmp_path: Path) -> None:
+    store = live_api.store
+    assert isinstance(store, S3Store)
+    with BirdClient(live_api.base_url, live_api.api_key) as client:
+        client.push_dataset(_dataset_dir(tmp_path), "secret")
+    job_a = http.post("/jobs", json=job_spec("datasets/secret")).json()["id"]
+    publish_checkpoint(live_api, job_a, "best")
+    [checkpoint] = http.get(f"/jobs/{job_a}/checkpoints").json()
+
+    b = live_api.new_key()
+    before = _s3_objects(store)
+    missing_id = str(2**31 - 1)
+    with httpx.Client(base_url=live_api.base_url, headers=live_api.headers(b.key)) as as_b:
+        job_routes = [
+            ("GET", "/jobs/{}"),
+            ("POST", "/jobs/{}/cancel"),
+            ("GET", "/jobs/{}/metrics"),
+            ("GET", "/jobs/{}/trials"),
+            ("GET", "/jobs/{}/events"),
+            ("GET", "/jobs/{}/logs"),
+            ("GET", "/jobs/{}/checkpoints"),
+            ("GET", "/jobs/{}/checkpoints/best"),
+            ("GET", "/files/jobs/{}/checkpoints/best.tar"),
+        ]
+        for method, route in job_routes:
+            theirs = as_b.request(method, route.format(job_a))
+            missing = as_b.request(method, route.format(missing_id))
+            assert theirs.status_code == 404, (route, theirs.text)
+            _same_answer(theirs, missing, str(job_a))
+        dataset_routes = [
+            ("GET", "/datasets/{}"),
+            ("DELETE", "/datasets/{}"),
+            ("PUT", "/datasets/{}/files/manifest.json"),
+        ]
+        for method, route in dataset_routes:
+            theirs = as_b.request(method, route.format("secret"), content=b"{}")
+            missing = as_b.request(method, route.format(NOWHERE), content=b"{}")
+            assert theirs.status_code == 404, (route, theirs.text)
+            _same_answer(theirs, missing, "secret")
+        # Registering a name a already uses is b's own, new dataset: the answer for a free name.
+        register = {"files": [{"path": "manifest.json", "size": 2}]}
+        theirs = as_b.post("/datasets", json={"name": "secret", **register})
+        missing = as_b.post("/datasets", json={"name": NOWHERE, **register})
+        assert theirs.status_code == missing.status_code == 201
+        assert f"/tenants/{b.tenant_id}/datasets/secret/" in theirs.json()["uploads"][0]["url"]
+        # A job of b naming a's dataset: the answer for a dataset that does not exist.
+        theirs = as_b.post("/jobs", json=job_spec("datasets/secret"))
+        missing = as_b.post("/jobs", json=job_spec(f"datasets/{NOWHERE}"))
+        _same_answer(theirs, missing, "secret")
+        # Listings show none of a's.
+        assert "secret" not in as_b.get("/datasets").text
+        assert as_b.get("/jobs").json()["total"] == 0
+        # a's presigned checkpoint URL is a's to hand out; b's key does not make one.
+        assert checkpoint["url"] not in as_b.get(f"/jobs/{job_a}/checkpoints").text
+    # Nothing of a's was read into b's answers, and nothing was written or deleted.
+    assert _s3_objects(store) == before
+    with BirdClient(live_api.base_url, live_api.api_key) as client:
+        assert client.describe_dataset("secret")["rows"] == 6
+        with pytest.raises(BirdAPIError) as raised:
+            client.describe_dataset(NOWHERE)
+        assert raised.value.status == 404
