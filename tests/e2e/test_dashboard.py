@@ -455,3 +455,45 @@ def test_wrong_key_shows_the_key_screen_with_an_error(
     expect(page.locator("#key-screen")).to_be_visible()
     assert page.evaluate("localStorage.getItem('bird.apiKey')") is None
     assert not js_errors, js_errors
+
+
+def test_datasets_page_uploads_describes_lists_and_deletes(
+    page: Page, live_api_local: LiveAPI, js_errors: list[str], tmp_path: Path
+) -> None:
+    from bird_datasets.location import tenant_prefix
+    from service.storage import LocalStore
+    from tests.integration.api_fixtures import publish_tiny_dataset
+
+    api = live_api_local
+    publish_tiny_dataset(LocalStore(tmp_path), "ds")
+    files = sorted(str(p) for p in (tmp_path / "ds").iterdir() if p.is_file())
+    assert any(f.endswith("manifest.json") for f in files)
+    _sign_in(page, api)
+    page.click("#nav-datasets")
+    expect(page.locator("#datasets-table")).to_contain_text("No datasets yet")
+
+    page.fill("#upload-name", "tiny-mine")
+    page.set_input_files("#upload-files", files)
+    page.click("#upload-submit")
+    # Uploaded, then shown: the describe table of the API's GET /datasets/{name}.
+    expect(page.locator("#dataset-table")).to_contain_text("train")
+    assert page.url.endswith("#/datasets/tiny-mine")
+    stored = api.store.root / tenant_prefix(api.tenant_id) / "datasets" / "tiny-mine"
+    assert (stored / "manifest.json").is_file()
+
+    page.click("#nav-datasets")
+    row = page.locator('#datasets-table tr[data-dataset="datasets/tiny-mine"]')
+    expect(row).to_contain_text("multiclass")
+    expect(row).to_contain_text("2 × 2")
+
+    page.on("dialog", lambda dialog: dialog.accept())
+    row.locator("a.dataset-link").click()
+    page.click("#dataset-delete")
+    expect(page.locator("#datasets-table")).to_contain_text("No datasets yet")
+    assert not stored.exists()
+    # Deleted: the same answer as a name that never existed.
+    page.goto(f"{api.base_url}/ui/#/datasets/tiny-mine")
+    expect(page.locator('[data-testid="dataset-error"]')).to_have_text(
+        "dataset 'tiny-mine' not found"
+    )
+    assert js_errors == []

@@ -78,7 +78,7 @@ def _upload_url(state: AppState, request: Request, name: str, path: str, key: st
     status_code=status.HTTP_201_CREATED,
     response_model=DatasetUpload,
     summary="Register a dataset upload: one upload URL per file",
-    responses=error_responses(409, _409="A dataset of that name exists already."),
+    responses=error_responses(400, 409, _409="A dataset of that name exists already."),
 )
 async def create_dataset(
     body: DatasetCreate, request: Request, db: DbDep, state: StateDep
