@@ -69,7 +69,8 @@ PG_ADMIN_URL = os.environ.get(
 )
 P99_TARGET_MS = 50.0
 CLAIMS_TARGET = 300.0
-DATASET = "datasets/tiny"
+# Published by the operator for every tenant: any key can name it.
+DATASET = "shared/datasets/tiny"
 
 
 # --------------------------------------------------------------------------------------------
