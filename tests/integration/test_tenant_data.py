@@ -365,3 +365,28 @@ def test_cross_tenant_matrix(live_api: LiveAPI, http: httpx.Client, tmp_path: Pa
         with pytest.raises(BirdAPIError) as raised:
             client.describe_dataset(NOWHERE)
         assert raised.value.status == 404
+
+
+def test_uploads_through_the_api_have_their_own_limit(live_api_local: LiveAPI) -> None:
+    # JSON bodies stay at BIRD_MAX_BODY_BYTES; a dataset file PUT to the upload route may be as
+    # large as BIRD_MAX_UPLOAD_BYTES, and no larger.
+    from service.api.app import create_app
+    from tests.integration.api_fixtures import serve
+
+    api = live_api_local
+    settings = api.settings.model_copy(update={"max_body_bytes": 4096, "max_upload_bytes": 8192})
+    app = create_app(settings, engine=api.engine, store=api.store)
+    with serve(app) as base_url, httpx.Client(base_url=base_url, headers=api.headers()) as http:
+        fits = http.put("/datasets/big/files/part.parquet", content=b"x" * 6000)
+        over = http.put("/datasets/big/files/part.parquet", content=b"x" * 9000)
+        json_over = http.post("/datasets", content=b"{" + b" " * 5000 + b"}")
+        declared = http.post(
+            "/datasets", json={"name": "big", "files": [{"path": "manifest.json", "size": 9000}]}
+        )
+    assert fits.status_code == 204, fits.text
+    assert over.status_code == 413
+    assert over.json()["detail"] == "request body too large: at most 8192 bytes are accepted"
+    assert json_over.status_code == 413
+    assert ("body", "files", 0, "size") in _errors(declared)
+    stored = api.store.root / tenant_prefix(api.tenant_id) / "datasets/big/part.parquet"
+    assert stored.read_bytes() == b"x" * 6000
