@@ -221,6 +221,27 @@ class BirdClient:
         manifest last, so the dataset never exists half uploaded. The bearer key goes only to
         the API itself, never to a presigned URL.
         """
+        return self._push("datasets", directory, name)
+
+    def list_teachers(self) -> list[dict]:
+        """The caller's teachers, then the shared ones."""
+        return self._json("GET", "/teachers")["items"]
+
+    def get_teacher(self, name: str) -> dict:
+        """The caller's teacher ``name``: files, size, metadata."""
+        return self._json("GET", f"/teachers/{quote(name, safe='')}")
+
+    def delete_teacher(self, name: str) -> None:
+        """Delete the caller's teacher ``name``."""
+        self._request("DELETE", f"/teachers/{quote(name, safe='')}")
+
+    def push_teacher(self, directory: Path | str, name: str) -> dict:
+        """Upload a teacher directory (what ``bird teachers train --out`` writes) as the
+        caller's teacher ``name``, like :meth:`push_dataset`; jobs then name it
+        ``teachers/<name>``."""
+        return self._push("teachers", directory, name)
+
+    def _push(self, kind: str, directory: Path | str, name: str) -> dict:
         root = Path(directory)
         files = sorted(
             path.relative_to(root).as_posix()
@@ -231,7 +252,7 @@ class BirdClient:
             "name": name,
             "files": [{"path": rel, "size": (root / rel).stat().st_size} for rel in files],
         }
-        upload = self._json("POST", "/datasets", json=body)
+        upload = self._json("POST", f"/{kind}", json=body)
         for item in upload["uploads"]:
             url = urljoin(self.base_url + "/", item["url"])
             # Streamed from the file, with its Content-Length (S3 refuses chunked uploads).
@@ -248,10 +269,10 @@ class BirdClient:
                     response.status_code,
                     f"the object store refused {item['path']} (HTTP {response.status_code})",
                 )
-        for row in self.list_datasets():
+        for row in self._json("GET", f"/{kind}")["items"]:
             if row["uri"] == upload["uri"]:
                 return row
-        raise BirdAPIError(404, f"dataset {name!r} is not listed after its upload")
+        raise BirdAPIError(404, f"{kind.removesuffix('s')} {name!r} is not listed after its upload")
 
     # -- downloads ------------------------------------------------------------------------------
 

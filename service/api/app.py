@@ -35,7 +35,7 @@ from starlette.routing import Match
 from service import queue
 from service.api.deps import READ_THREADS, WRITE_THREADS, AppState
 from service.api.edges import AccessLogRedaction, BodyLimitMiddleware, bounded_errors
-from service.api.routes import checkpoints, datasets, health, jobs
+from service.api.routes import checkpoints, datasets, health, jobs, teachers
 from service.api.schemas import error_responses
 from service.db import make_engine, session_factory
 from service.settings import Settings
@@ -311,6 +311,7 @@ def create_app(
     app.include_router(jobs.router)
     app.include_router(checkpoints.router)
     app.include_router(datasets.router)
+    app.include_router(teachers.router)
 
     if DASHBOARD_DIR.is_dir():
         app.mount("/ui", StaticFiles(directory=DASHBOARD_DIR, html=True), name="ui")

@@ -85,7 +85,7 @@ def _declared_length(scope: Scope) -> int | None:
     return None
 
 
-_UPLOAD_PATH = re.compile(r"^/datasets/[^/]+/files/.+")
+_UPLOAD_PATH = re.compile(r"^/(datasets|teachers)/[^/]+/files/.+")
 
 
 class BodyLimitMiddleware:

@@ -390,3 +390,73 @@ def test_uploads_through_the_api_have_their_own_limit(live_api_local: LiveAPI) -
     assert ("body", "files", 0, "size") in _errors(declared)
     stored = api.store.root / tenant_prefix(api.tenant_id) / "datasets/big/part.parquet"
     assert stored.read_bytes() == b"x" * 6000
+
+
+# --- teachers ------------------------------------------------------------------------------
+
+
+def _teacher_dir(tmp_path: Path) -> Path:
+    """A teacher directory as `bird teachers train --out DIR` writes it."""
+    from service.storage import publish
+
+    teacher = {"kind": "model", "arch": "small_cnn", "num_classes": 2}
+    publish(
+        LocalStore(tmp_path),
+        "teacher",
+        {"model.safetensors": b"\0" * 64, "teacher.json": json.dumps(teacher).encode()},
+        metadata={"arch": "small_cnn", "num_classes": 2, "test_accuracy": 91.5},
+    )
+    return tmp_path / "teacher"
+
+
+def test_teachers_are_tenant_resources_too(live_api: LiveAPI, tmp_path: Path) -> None:
+    from service.spec import JobSpec
+    from workers.pipeline import _tenant_teacher
+    from workers.teachers import _published_teacher
+
+    store = live_api.store
+    assert isinstance(store, S3Store)
+    before = _s3_objects(store)
+    with BirdClient(live_api.base_url, live_api.api_key) as client:
+        row = client.push_teacher(_teacher_dir(tmp_path), "mine")
+        assert (row["uri"], row["shared"], row["files"]) == ("teachers/mine", False, 2)
+        assert row["description"] == {"arch": "small_cnn", "num_classes": 2, "test_accuracy": 91.5}
+        assert client.get_teacher("mine") == row
+        assert [r["uri"] for r in client.list_teachers() if not r["shared"]] == ["teachers/mine"]
+    own = f"{store.prefix}/{tenant_prefix(live_api.tenant_id)}/teachers/mine/"
+    written = {k for k, v in _s3_objects(store).items() if before.get(k) != v}
+    assert written and all(key.startswith(own) for _, key in written), written
+
+    # The worker finds it for its tenant; for another tenant the name is empty, as a missing one.
+    spec = JobSpec.model_validate(
+        job_spec(
+            "datasets/x",
+            teacher={"kind": "model", "arch": "small_cnn", "weights_uri": "teachers/mine"},
+        )
+    )
+    mine = _tenant_teacher(spec, live_api.settings, live_api.tenant_id).weights_uri
+    assert _published_teacher(store, mine) is not None
+    other = live_api.new_key()
+    theirs = _tenant_teacher(spec, live_api.settings, other.tenant_id).weights_uri
+    assert theirs == f"tenants/{other.tenant_id}/teachers/mine"
+    assert _published_teacher(store, theirs) is None
+
+    snapshot = _s3_objects(store)
+    with httpx.Client(base_url=live_api.base_url, headers=live_api.headers(other.key)) as as_b:
+        for method, route in [
+            ("GET", "/teachers/{}"),
+            ("DELETE", "/teachers/{}"),
+            ("PUT", "/teachers/{}/files/model.safetensors"),
+        ]:
+            theirs_answer = as_b.request(method, route.format("mine"), content=b"x")
+            missing = as_b.request(method, route.format(NOWHERE), content=b"x")
+            assert theirs_answer.status_code == 404, theirs_answer.text
+            _same_answer(theirs_answer, missing, "mine")
+        assert "teachers/mine" not in as_b.get("/teachers").text
+    assert _s3_objects(store) == snapshot
+
+    with httpx.Client(base_url=live_api.base_url, headers=live_api.headers()) as http:
+        assert http.delete("/teachers/mine").status_code == 204
+        gone = http.get("/teachers/mine")
+        assert (gone.status_code, gone.json()["detail"]) == (404, "teacher 'mine' not found")
+    assert _s3_objects(store) == before

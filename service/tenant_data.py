@@ -1,12 +1,14 @@
-"""A tenant's datasets in the deployment's store: register, list, describe, delete.
+"""A tenant's datasets and teachers in the deployment's store: register, list, describe, delete.
 
-A tenant's dataset ``<name>`` lives under ``tenants/<id>/datasets/<name>/``
-(:func:`bird_datasets.location.tenant_prefix`), so the name a job gives (``datasets/<name>``)
-resolves to it and to nothing of another tenant. Operators publish read-only datasets for
-everyone under ``shared/datasets/<name>/``; they are listed, never written or deleted here.
+A tenant's dataset ``<name>`` lives under ``tenants/<id>/datasets/<name>/`` and its teacher
+under ``tenants/<id>/teachers/<name>/`` (:func:`bird_datasets.location.tenant_prefix`), so the
+name a job gives (``datasets/<name>``, ``teachers/<name>``) resolves to it and to nothing of
+another tenant. Operators publish read-only ones for everyone under ``shared/datasets/`` and
+``shared/teachers/``; they are listed, never written or deleted here.
 
-A dataset exists once its ``manifest.json`` does: an upload sends the parts first and the
-manifest last (``bird datasets push`` does), as ``service.storage.publish`` writes it.
+A dataset or teacher exists once its ``manifest.json`` does: an upload sends the other files
+first and the manifest last (``bird datasets push`` and ``bird teachers push`` do), as
+``service.storage.publish`` writes it.
 
 Every function takes the tenant and builds the key itself: no caller can name a key outside
 the tenant's prefix, so another tenant's dataset and a missing one are the same
@@ -29,7 +31,9 @@ from service.storage import (
 )
 
 __all__ = [
+    "DATASETS",
     "DATASET_NAME_PATTERN",
+    "TEACHERS",
     "DatasetExists",
     "DatasetNotFound",
     "DatasetSummary",
@@ -37,29 +41,42 @@ __all__ = [
     "delete_dataset",
     "describe_tenant_dataset",
     "list_datasets",
+    "summary",
     "upload_keys",
 ]
 
 # Lower-case, digits, '.', '_' and '-': a single path segment, the same on S3 and in a directory.
 DATASET_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 DATASETS = "datasets"
+TEACHERS = "teachers"
+# What a listing shows of each kind's manifest metadata.
+_SUMMARY_FIELDS = {
+    DATASETS: ("name", "task", "num_classes", "num_groups"),
+    TEACHERS: ("arch", "options", "num_classes", "test_accuracy", "test_delta_mean_deo"),
+}
+
+
+def _singular(kind: str) -> str:
+    return kind.removesuffix("s")
 
 
 class DatasetNotFound(LookupError):
-    """No dataset of that name in the caller's space (another tenant's looks the same)."""
+    """No dataset (or teacher) of that name in the caller's space (another tenant's looks the
+    same)."""
 
-    def __init__(self, name: str) -> None:
-        super().__init__(f"dataset {name!r} not found")
+    def __init__(self, name: str, kind: str = DATASETS) -> None:
+        super().__init__(f"{_singular(kind)} {name!r} not found")
         self.name = name
 
 
 class DatasetExists(Exception):
-    """A complete dataset of that name exists already: delete it before uploading again."""
+    """A complete dataset (or teacher) of that name exists already: delete it before uploading
+    again."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, kind: str = DATASETS) -> None:
         super().__init__(
-            f"dataset {name!r} already exists; delete it (DELETE /datasets/{name}) to upload "
-            "it again"
+            f"{_singular(kind)} {name!r} already exists; delete it (DELETE /{kind}/{name}) to "
+            "upload it again"
         )
         self.name = name
 
@@ -77,9 +94,9 @@ class DatasetSummary:
     description: dict[str, Any]
 
 
-def dataset_key(tenant_id: int, name: str) -> str:
-    """The store prefix of tenant ``tenant_id``'s dataset ``name``."""
-    return join_key(tenant_prefix(tenant_id), DATASETS, name)
+def dataset_key(tenant_id: int, name: str, kind: str = DATASETS) -> str:
+    """The store prefix of tenant ``tenant_id``'s dataset (or teacher: ``kind``) ``name``."""
+    return join_key(tenant_prefix(tenant_id), kind, name)
 
 
 def _manifest(store: ObjectStore, prefix: str) -> Manifest | None:
@@ -102,12 +119,13 @@ def _names(store: ObjectStore, root: str) -> list[str]:
     return sorted(names)
 
 
-def list_datasets(store: ObjectStore, tenant_id: int) -> list[DatasetSummary]:
-    """The tenant's own datasets, then the shared ones, each sorted by name."""
+def list_datasets(store: ObjectStore, tenant_id: int, kind: str = DATASETS) -> list[DatasetSummary]:
+    """The tenant's own datasets (or teachers: ``kind``), then the shared ones, each sorted by
+    name."""
     rows: list[DatasetSummary] = []
     for root, uri_root, shared in (
-        (join_key(tenant_prefix(tenant_id), DATASETS), DATASETS, False),
-        (join_key(SHARED_PREFIX, DATASETS), join_key(SHARED_PREFIX, DATASETS), True),
+        (join_key(tenant_prefix(tenant_id), kind), kind, False),
+        (join_key(SHARED_PREFIX, kind), join_key(SHARED_PREFIX, kind), True),
     ):
         for name in _names(store, root):
             manifest = _manifest(store, join_key(root, name))
@@ -123,7 +141,7 @@ def list_datasets(store: ObjectStore, tenant_id: int) -> list[DatasetSummary]:
                     created_at=manifest.created_at,
                     description={
                         k: manifest.metadata.get(k)
-                        for k in ("name", "task", "num_classes", "num_groups")
+                        for k in _SUMMARY_FIELDS[kind]
                         if k in manifest.metadata
                     },
                 )
@@ -144,22 +162,35 @@ def describe_tenant_dataset(store: ObjectStore, tenant_id: int, name: str) -> di
     return description
 
 
-def delete_dataset(store: ObjectStore, tenant_id: int, name: str) -> None:
-    """Delete the tenant's dataset ``name`` (and any unfinished upload of it); jobs already
-    running keep their copy of its features. :class:`DatasetNotFound` if nothing is there."""
-    prefix = dataset_key(tenant_id, name)
+def summary(store: ObjectStore, tenant_id: int, name: str, kind: str) -> DatasetSummary:
+    """The listing row of the tenant's own dataset (or teacher) ``name``;
+    :class:`DatasetNotFound` if there is none."""
+    for row in list_datasets(store, tenant_id, kind):
+        if not row.shared and row.name == name:
+            return row
+    raise DatasetNotFound(name, kind)
+
+
+def delete_dataset(store: ObjectStore, tenant_id: int, name: str, kind: str = DATASETS) -> None:
+    """Delete the tenant's dataset (or teacher) ``name`` and any unfinished upload of it; jobs
+    already running keep their copy of its features. :class:`DatasetNotFound` if nothing is
+    there."""
+    prefix = dataset_key(tenant_id, name, kind)
     if not store.list(prefix):
-        raise DatasetNotFound(name)
+        raise DatasetNotFound(name, kind)
     store.delete_prefix(prefix)
 
 
-def upload_keys(store: ObjectStore, tenant_id: int, name: str, paths: list[str]) -> dict[str, str]:
-    """The store key of each file ``paths`` of an upload of the tenant's dataset ``name``.
+def upload_keys(
+    store: ObjectStore, tenant_id: int, name: str, paths: list[str], kind: str = DATASETS
+) -> dict[str, str]:
+    """The store key of each file ``paths`` of an upload of the tenant's dataset (or teacher)
+    ``name``.
 
-    :class:`DatasetExists` if a complete dataset of that name is there (an unfinished upload
-    may be sent again). The paths are validated keys relative to the dataset.
+    :class:`DatasetExists` if a complete one of that name is there (an unfinished upload may
+    be sent again). The paths are validated keys relative to it.
     """
-    prefix = dataset_key(tenant_id, name)
+    prefix = dataset_key(tenant_id, name, kind)
     if _manifest(store, prefix) is not None:
-        raise DatasetExists(name)
+        raise DatasetExists(name, kind)
     return {path: join_key(prefix, path) for path in paths}
