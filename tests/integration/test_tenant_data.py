@@ -460,3 +460,28 @@ def test_teachers_are_tenant_resources_too(live_api: LiveAPI, tmp_path: Path) ->
         gone = http.get("/teachers/mine")
         assert (gone.status_code, gone.json()["detail"]) == (404, "teacher 'mine' not found")
     assert _s3_objects(store) == before
+
+
+def test_bird_datasets_push_list_delete(live_api: LiveAPI, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cli.app import app
+
+    env = {"BIRD_URL": live_api.base_url, "BIRD_API_KEY": live_api.api_key}
+
+    def bird(*args: str):
+        return CliRunner().invoke(app, list(args), env=env)
+
+    pushed = bird("datasets", "push", str(_dataset_dir(tmp_path)), "--name", "cli-made")
+    assert pushed.exit_code == 0, pushed.output
+    assert "as datasets/cli-made" in pushed.output
+    listed = bird("datasets", "list")
+    assert listed.exit_code == 0 and "datasets/cli-made" in listed.output
+    again = bird("datasets", "push", str(tmp_path / "ds"), "--name", "cli-made")
+    assert again.exit_code == 1 and "already exists" in again.output and "HTTP 409" in again.output
+    not_a_dataset = bird("datasets", "push", str(tmp_path), "--name", "x")
+    assert not_a_dataset.exit_code == 2
+    assert f"{tmp_path}: not a dataset directory (no manifest.json)" in not_a_dataset.output
+    assert bird("datasets", "delete", "cli-made").exit_code == 0
+    gone = bird("datasets", "delete", "cli-made")
+    assert gone.exit_code == 1 and "dataset 'cli-made' not found (HTTP 404)" in gone.output
