@@ -77,14 +77,15 @@ def external_refused(what: str, uri: str, example: str) -> str:
     )
 
 
-def resolve_tenant_key(uri: str, tenant_id: int | None, *, what: str = "URI") -> str:
+def resolve_tenant_key(uri: str, tenant_id: int | None) -> str:
     """The key in the deployment's store that the relative name ``uri`` of tenant
     ``tenant_id`` names: ``shared/...`` as it is, anything else under the tenant's own
     prefix. ``tenant_id`` None (operators' tools) takes ``uri`` as a key from the store's root.
 
-    Raises :class:`~service.storage.InvalidKeyError` for a name that is not a valid key.
+    Raises :class:`~service.storage.InvalidKeyError` for a name that is not a valid key (an
+    absolute path among them: callers refuse those first, see :func:`is_external_uri`).
     """
-    key = validate_prefix(uri.strip("/"))
+    key = validate_prefix(uri)
     if tenant_id is None or key == SHARED_PREFIX or key.startswith(SHARED_PREFIX + "/"):
         return key
     return f"{tenant_prefix(tenant_id)}/{key}"
