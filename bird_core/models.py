@@ -199,9 +199,12 @@ class MLP(Net):
 
 
 class TorchvisionNet(Net):
-    """Any torchvision classification architecture, its final classifier replaced by our head."""
+    """Any torchvision classification architecture, randomly initialised, its final classifier
+    replaced by our head; its stem takes ``in_channels`` input channels."""
 
-    def __init__(self, num_classes: int, arch: str, embed_dim: int | None = None):
+    def __init__(
+        self, num_classes: int, arch: str, in_channels: int = 3, embed_dim: int | None = None
+    ):
         super().__init__()
         import torchvision
 
@@ -209,6 +212,8 @@ class TorchvisionNet(Net):
             backbone = torchvision.models.get_model(arch, weights=None)
         except ValueError as err:
             raise ValueError(f"unknown torchvision architecture {arch!r}: {err}") from err
+        if in_channels != 3:
+            _set_input_channels(backbone, in_channels)
         in_dim = _strip_classifier(backbone)
         self.backbone = backbone
         self.head = ClassifierHead(in_dim, num_classes, embed_dim)
@@ -216,6 +221,37 @@ class TorchvisionNet(Net):
     def body(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The torchvision network up to (not including) its classifier."""
         return self.backbone(x), None
+
+
+def first_conv(model: nn.Module) -> tuple[nn.Module, str, nn.Conv2d]:
+    """The first ``nn.Conv2d`` of ``model`` in registration order (every torchvision
+    classification network's stem), as ``(parent module, attribute name, conv)``."""
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d):
+                return parent, name, child
+    raise ValueError(f"{type(model).__name__} has no Conv2d to take the input channels")
+
+
+def _set_input_channels(model: nn.Module, in_channels: int) -> None:
+    """Rebuild the stem convolution of a randomly initialised ``model`` for ``in_channels``."""
+    parent, name, conv = first_conv(model)
+    if conv.groups != 1:
+        raise ValueError(f"the stem of {type(model).__name__} is a grouped convolution")
+    if hasattr(model, "transform_input"):
+        # GoogLeNet and Inception-v3 rescale three ImageNet channels before the stem.
+        model.transform_input = False
+    replacement = nn.Conv2d(
+        in_channels,
+        conv.out_channels,
+        conv.kernel_size,  # type: ignore[arg-type]
+        stride=conv.stride,  # type: ignore[arg-type]
+        padding=conv.padding,  # type: ignore[arg-type]
+        dilation=conv.dilation,  # type: ignore[arg-type]
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+    )
+    setattr(parent, name, replacement)
 
 
 def _strip_classifier(model: nn.Module) -> int:
@@ -242,9 +278,12 @@ def _strip_classifier(model: nn.Module) -> int:
 
 
 class TimmNet(Net):
-    """A timm architecture (if timm is installed) with our head on its pooled features."""
+    """A timm architecture (if timm is installed), randomly initialised for ``in_channels``
+    input channels, with our head on its pooled features."""
 
-    def __init__(self, num_classes: int, arch: str, embed_dim: int | None = None):
+    def __init__(
+        self, num_classes: int, arch: str, in_channels: int = 3, embed_dim: int | None = None
+    ):
         super().__init__()
         try:
             import timm
@@ -252,8 +291,15 @@ class TimmNet(Net):
             raise ImportError(
                 f"model 'timm:{arch}' needs the timm package: pip install timm"
             ) from err
-        self.backbone = timm.create_model(arch, pretrained=False, num_classes=0)
-        self.head = ClassifierHead(self.backbone.num_features, num_classes, embed_dim)
+        if not timm.is_model(arch):
+            raise ValueError(f"unknown timm architecture {arch!r}")
+        self.backbone = timm.create_model(
+            arch, pretrained=False, num_classes=0, in_chans=in_channels
+        )
+        # Pre-logits width: MobileNetV3 and others add a layer after the feature map, so the
+        # pooled output is wider than ``num_features``.
+        width = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
+        self.head = ClassifierHead(width, num_classes, embed_dim)
 
     def body(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """timm's ``forward_features`` map and its pooled form."""

@@ -158,21 +158,25 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # cap for quick runs
     eval_batch_size: int = 512
     device: str = "cpu"
-    # None: on for CUDA devices, off elsewhere (CPU bf16 kernels are slow, not fast).
+    # None: decided by StepFormat.resolve from the device the steps run on.
     bf16: bool | None = None
     channels_last: bool | None = None
 
+    def step_format(self, device: str | torch.device | None = None) -> StepFormat:
+        """How this run's steps run on ``device`` (default: ``self.device``)."""
+        return StepFormat.resolve(
+            self.bf16, self.channels_last, self.device if device is None else device
+        )
+
     @property
     def use_bf16(self) -> bool:
-        """Whether steps run under bf16 autocast."""
-        return self.bf16 if self.bf16 is not None else self.device.startswith("cuda")
+        """Whether steps on ``self.device`` run under bf16 autocast."""
+        return self.step_format().bf16
 
     @property
     def use_channels_last(self) -> bool:
-        """Whether image models and batches use the channels-last memory format."""
-        if self.channels_last is not None:
-            return self.channels_last
-        return self.device.startswith("cuda")
+        """Whether image models and batches on ``self.device`` use channels-last."""
+        return self.step_format().channels_last
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -184,6 +188,58 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
             raise ValueError(f"max_steps_per_epoch must be >= 1, got {self.max_steps_per_epoch}")
+
+
+@dataclass(frozen=True)
+class StepFormat:
+    """How training steps run on one device: bf16 autocast, and the memory format of images.
+
+    The one place that decides both, for :func:`fit` and for every other training loop (the
+    Ray Train loop of the workers): an explicit setting wins; ``None`` means on for CUDA
+    devices and off elsewhere (CPU bf16 kernels are slow, not fast, and channels-last pays off
+    with cuDNN's kernels).
+    """
+
+    bf16: bool
+    channels_last: bool
+
+    @classmethod
+    def resolve(
+        cls, bf16: bool | None, channels_last: bool | None, device: str | torch.device
+    ) -> StepFormat:
+        """The format for ``device`` given the run's settings (``None``: the device decides)."""
+        on_gpu = torch.device(device).type == "cuda"
+        return cls(
+            bf16=on_gpu if bf16 is None else bf16,
+            channels_last=on_gpu if channels_last is None else channels_last,
+        )
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """``model`` with its 4-D weights (convolutions) in channels-last, when that is on.
+
+        Converts in place (``Module.to``); call it before wrapping the model in DDP.
+        """
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return model
+
+    def prepare_batch(self, batch: Batch) -> Batch:
+        """``batch`` with its images (``[N, C, H, W]``) in channels-last, when that is on."""
+        if self.channels_last and batch.x.dim() == 4:
+            batch.x = batch.x.contiguous(memory_format=torch.channels_last)
+        return batch
+
+    def as_dict(self) -> dict[str, bool]:
+        """JSON-able form."""
+        return asdict(self)
+
+
+def is_channels_last(model: nn.Module) -> bool:
+    """Whether ``model`` has 4-D weights and every one of them is in channels-last."""
+    weights = [p for p in model.parameters() if p.dim() == 4]
+    return bool(weights) and all(
+        p.is_contiguous(memory_format=torch.channels_last) for p in weights
+    )
 
 
 @dataclass
@@ -437,9 +493,8 @@ def fit(
     student.to(device)
     method.to(device)
     preprocess = preprocess.to(device)
-    memory_format = torch.channels_last if config.use_channels_last else torch.preserve_format
-    if config.use_channels_last and data.train.x.dim() == 4:
-        student.to(memory_format=memory_format)
+    step_format = config.step_format(device)
+    step_format.prepare_model(student)
 
     train_rows = torch.arange(len(data.train))
     meta_sampler: MetaSampler | None = None
@@ -489,14 +544,14 @@ def fit(
                 break
             index = order[i * config.batch_size : (i + 1) * config.batch_size]
             batch = make_batch(data.train, index, preprocess, train_features, device)
+            batch = step_format.prepare_batch(batch)
             meta_batch = None
             if meta_sampler is not None:
                 meta_index = meta_sampler.sample(meta_batch_size)
                 meta_batch = make_batch(data.train, meta_index, preprocess, train_features, device)
+                meta_batch = step_format.prepare_batch(meta_batch)
             ctx = StepContext(task=data.task, progress=step / total_steps, step=step)
-            if config.use_channels_last and batch.x.dim() == 4:
-                batch.x = batch.x.contiguous(memory_format=memory_format)
-            logs = train_step(distiller, optimizer, batch, ctx, meta_batch, bf16=config.use_bf16)
+            logs = train_step(distiller, optimizer, batch, ctx, meta_batch, bf16=step_format.bf16)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
             done += 1

@@ -280,3 +280,170 @@ def datasets_delete(
     with _client(url, key) as client:
         _call(lambda: client.delete_dataset(name))
     typer.echo(f"deleted datasets/{name}")
+
+
+# --------------------------------------------------------------------------------------------
+# import: your own images or table
+# --------------------------------------------------------------------------------------------
+
+import_app = typer.Typer(
+    help="Import your own data: a folder of images with a CSV, or a CSV/Parquet table. "
+    "Writes the bird format at --out, validates it and prints what it holds.",
+    no_args_is_help=True,
+)
+datasets_app.add_typer(import_app, name="import")
+
+OutOption = Annotated[
+    str, typer.Option(help="Where to write: s3://bucket/prefix or a local directory.")
+]
+SeedOption = Annotated[int, typer.Option(help="Seed of the split (without a split column).", min=0)]
+ValFraction = Annotated[
+    float, typer.Option(help="Share of each class and group for val (without a split column).")
+]
+TestFraction = Annotated[
+    float, typer.Option(help="Share of each class and group for test (without a split column).")
+]
+NameOption = Annotated[
+    str | None, typer.Option(help="The dataset's name (default: the file's name).")
+]
+
+
+def _image_size(value: str | None) -> tuple[int, int] | None:
+    """``32`` → (32, 32); ``24x32`` → (24, 32) (height x width)."""
+    if value is None:
+        return None
+    try:
+        parts = [int(v) for v in value.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) < 1:
+        fail(f"--image-size must be N or HxW (e.g. 32 or 24x32), got {value!r}", 2)
+    return parts[0], parts[1]
+
+
+def _run_import(out: str, write: Any) -> None:
+    """Open --out, run ``write(store, prefix)``, validate what it wrote, print the summary."""
+    from bird_datasets.describe import describe_dataset, render_description
+    from bird_datasets.importers import DatasetImportError
+    from bird_datasets.validation import validate_dataset
+    from service.storage import StorageError
+
+    store, prefix = open_dataset_uri(out)
+    try:
+        store.ping()
+        manifest = write(store, prefix)
+        report = validate_dataset(store, prefix)
+        description = describe_dataset(store, prefix)
+    except DatasetImportError as exc:
+        fail(str(exc), 2)
+    except StorageError as exc:
+        fail(str(exc), 1)
+    if not report.ok:  # the importer wrote something the format refuses: a bug, say so
+        fail(f"the imported dataset at {store.uri(prefix)} does not validate: {report.summary()}")
+    del manifest  # the validation report below says what was written, and where
+    typer.echo(f"imported, validated: {report.summary()}")
+    typer.echo(render_description(description))
+
+
+@import_app.command("images")
+def import_images(
+    csv_file: Annotated[
+        str,
+        typer.Argument(
+            help="CSV with a header: path,label,group[,split] (paths relative to --root).",
+            show_default=False,
+        ),
+    ],
+    out: OutOption,
+    root: Annotated[
+        str | None, typer.Option(help="Folder the CSV's paths are in (default: the CSV's).")
+    ] = None,
+    image_size: Annotated[
+        str | None,
+        typer.Option(help="Resize every image: N or HxW (default: keep the first's size)."),
+    ] = None,
+    channels: Annotated[
+        int | None,
+        typer.Option(help="1 (grayscale), 3 (RGB) or 4 (RGBA); default: the first image's."),
+    ] = None,
+    name: NameOption = None,
+    seed: SeedOption = 0,
+    val_fraction: ValFraction = 0.1,
+    test_fraction: TestFraction = 0.2,
+) -> None:
+    """Import a folder of images listed in a CSV with their label and group.
+
+    Labels and groups are names (mapped to indices in sorted order, the names kept in the
+    metadata) or integer indices; without a split column the rows are split at random,
+    stratified by class and group.
+    """
+    from bird_datasets.importers.images import import_image_folder
+
+    size = _image_size(image_size)
+    _run_import(
+        out,
+        lambda store, prefix: import_image_folder(
+            csv_file,
+            store,
+            prefix,
+            root=root,
+            image_size=size,
+            channels=channels,
+            name=name,
+            seed=seed,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+        ),
+    )
+
+
+@import_app.command("table")
+def import_table_command(
+    table_file: Annotated[
+        str, typer.Argument(help="A .csv or .parquet file, one row per sample.", show_default=False)
+    ],
+    out: OutOption,
+    label: Annotated[str, typer.Option(help="The label column.", show_default=False)],
+    group: Annotated[str, typer.Option(help="The sensitive-group column.", show_default=False)],
+    features: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated feature columns (default: every other column)."),
+    ] = None,
+    categorical: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated numeric columns to one-hot encode as well."),
+    ] = None,
+    split: Annotated[
+        str | None, typer.Option(help="A column of train/val/test (default: a seeded split).")
+    ] = None,
+    name: NameOption = None,
+    seed: SeedOption = 0,
+    val_fraction: ValFraction = 0.1,
+    test_fraction: TestFraction = 0.2,
+) -> None:
+    """Import a CSV or Parquet table: text columns one-hot, numbers standardised.
+
+    The numeric columns are standardised with the train split's mean and standard deviation,
+    recorded in the metadata with the categories of every one-hot column.
+    """
+    from bird_datasets.importers.table import import_table
+
+    _run_import(
+        out,
+        lambda store, prefix: import_table(
+            table_file,
+            store,
+            prefix,
+            label=label,
+            group=group,
+            features=split_csv(features),
+            categorical=split_csv(categorical) or (),
+            split=split,
+            name=name,
+            seed=seed,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+        ),
+    )

@@ -62,8 +62,8 @@ def teachers_train(
     if lr <= 0:
         fail(f"--lr must be > 0, got {lr}", 2)
 
+    from service.teachers import TEACHER_WEIGHTS
     from workers.teacher_training import default_options, train_teacher
-    from workers.teachers import TEACHER_WEIGHTS
 
     options = default_options(arch)
     if width is not None:

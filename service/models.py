@@ -11,8 +11,8 @@ every choice here is one that behaves the same on both:
 * constraints and indexes are named by :data:`NAMING_CONVENTION`, so Alembic migrations can refer
   to them by name on both databases.
 
-The migration ``service/migrations/versions/0001_initial.py`` creates exactly this schema; a test
-compares the migrated database with these models.
+The migrations in ``service/migrations/versions/`` create exactly this schema; a test compares
+the migrated database with these models.
 """
 
 from __future__ import annotations
@@ -133,6 +133,9 @@ class JobStage(str, enum.Enum):
     """What a running job is doing right now (reported by the worker's heartbeats)."""
 
     PRECOMPUTING = "precomputing"
+    # Training or tuning waits for the Ray cluster to have room for it (bounded by the
+    # deployment's resource_wait_s).
+    WAITING_FOR_RESOURCES = "waiting_for_resources"
     TRAINING = "training"
     TUNING = "tuning"
     EVALUATING = "evaluating"

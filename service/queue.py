@@ -17,6 +17,15 @@ Every state change is a compare-and-set (``UPDATE ... WHERE id = ? AND state = <
 expiring) can never apply two transitions from the same state; the loser re-reads and either
 applies its transition to the new state or raises.
 
+Fencing: a claim increments ``attempts``, and the worker passes that number (``attempt``) with
+everything it writes for the job. The database refuses (:class:`StaleAttempt`, or
+:class:`LeaseLost` for a transition) a write whose attempt is no longer the job's current one,
+or that arrives after the job finished: a worker that lost its lease, or the orphaned Ray run
+of a killed worker, cannot add metrics, checkpoints, trials, log lines or state changes to the
+attempt that replaced it. The check is a compare-and-set ``UPDATE`` of the job row at the start
+of the writing transaction, so the row stays locked until the write commits: a claim of the next
+attempt waits for it, and a write never lands after the claim that made it stale.
+
 Clocks: on PostgreSQL every timestamp the queue writes, and every lease comparison, uses the
 database's clock (``statement_timestamp()``), so workers on different machines agree on when a
 lease expires. SQLite is a single-machine database, where the local clock is the same clock.
@@ -76,6 +85,7 @@ __all__ = [
     "JobNotFound",
     "LeaseLost",
     "QueueFull",
+    "StaleAttempt",
     "add_checkpoint",
     "append_log",
     "cancel",
@@ -173,6 +183,18 @@ class LeaseLost(IllegalTransition):
         self.owner = owner
 
 
+class StaleAttempt(RuntimeError):
+    """A write from an attempt that is no longer the job's current, active attempt (fenced)."""
+
+    def __init__(self, job_id: int, attempt: int) -> None:
+        super().__init__(
+            f"job {job_id}: attempt {attempt} is no longer the job's current attempt; "
+            "its write was refused"
+        )
+        self.job_id = job_id
+        self.attempt = attempt
+
+
 class IdempotencyConflict(ValueError):
     """An idempotency key was reused for a different job spec."""
 
@@ -261,10 +283,14 @@ def _set_if(
     state: JobState,
     owner: str | object | None = _ANY,
     where: Iterable[ColumnElement[bool]] = (),
+    attempt: int | None = None,
     values: Mapping[str, Any],
 ) -> Job | None:
-    """Compare-and-set: update the job only if it is still in ``state`` (held by ``owner``)."""
+    """Compare-and-set: update the job only if it is still in ``state`` (held by ``owner``, in
+    ``attempt``)."""
     stmt = update(Job).where(Job.id == job_id, Job.state == state, *where)
+    if attempt is not None:
+        stmt = stmt.where(Job.attempts == attempt)
     if owner is not _ANY:
         stmt = stmt.where(Job.lease_owner.is_(None) if owner is None else Job.lease_owner == owner)
     stmt = stmt.values(updated_at=_now(session), **values)
@@ -306,6 +332,31 @@ def _read(session: Session, job_id: int, tenant_id: int | None = None) -> Any:
     return row
 
 
+def _fence(session: Session, job_id: int, attempt: int | None) -> None:
+    """Refuse the rest of the transaction unless ``attempt`` is the job's current, active
+    attempt; the job row stays locked until the transaction ends (None: no fence)."""
+    if attempt is None:
+        return
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.attempts == attempt, Job.state.in_(ACTIVE_STATES))
+        .values(attempts=Job.attempts, updated_at=_now(session)),
+        execution_options={"synchronize_session": False},
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise StaleAttempt(job_id, attempt)
+
+
+def _check_holder(
+    row: Any, job_id: int, worker_id: str, transition: str, attempt: int | None
+) -> JobState:
+    """The job's state, if ``worker_id`` holds its lease (in ``attempt``); else LeaseLost."""
+    state = JobState(row.state)
+    if row.lease_owner != worker_id or (attempt is not None and row.attempts != attempt):
+        raise LeaseLost(job_id, state, transition, worker_id, row.lease_owner)
+    return state
+
+
 def _worker_transition(
     session: Session,
     job_id: int,
@@ -313,20 +364,21 @@ def _worker_transition(
     transition: str,
     values_for: Callable[[JobState], dict[str, Any]],
     message_for: Callable[[JobState], str],
+    attempt: int | None = None,
 ) -> Job:
-    """Apply a transition that only the worker holding the job's lease may apply."""
+    """Apply a transition that only the worker holding the job's lease (in ``attempt``, when
+    given) may apply."""
     with _transaction(session):
         for _ in range(_RACE_ROUNDS):
             row = _read(session, job_id)
-            state = JobState(row.state)
-            if row.lease_owner != worker_id:
-                raise LeaseLost(job_id, state, transition, worker_id, row.lease_owner)
+            state = _check_holder(row, job_id, worker_id, transition, attempt)
             target = target_state(transition, state, job_id)
             job = _set_if(
                 session,
                 job_id,
                 state=state,
                 owner=worker_id,
+                attempt=attempt,
                 values={"state": target, **values_for(target)},
             )
             if job is not None:
@@ -687,12 +739,14 @@ def heartbeat(
     *,
     progress: float | None = None,
     stage: JobStage | str | None = None,
+    attempt: int | None = None,
 ) -> bool:
     """Renew ``worker_id``'s lease on the job, optionally reporting progress (0..1) and stage.
 
     Returns whether cancellation was requested, in which case the worker should stop and call
     :func:`finish_cancelled`. Raises :class:`LeaseLost` if the worker no longer holds the lease
-    (the reaper gave the job away), in which case it must stop without reporting anything.
+    (the reaper gave the job away), or ``attempt`` is not the job's current one, in which case
+    it must stop without reporting anything.
     """
     if progress is not None and not (0.0 <= progress <= 1.0):
         raise ValueError(f"progress must be within [0, 1], got {progress}")
@@ -700,16 +754,16 @@ def heartbeat(
     with _transaction(session):
         for _ in range(_RACE_ROUNDS):
             row = _read(session, job_id)
-            state = JobState(row.state)
-            if row.lease_owner != worker_id:
-                raise LeaseLost(job_id, state, "heartbeat", worker_id, row.lease_owner)
+            state = _check_holder(row, job_id, worker_id, "heartbeat", attempt)
             target_state("heartbeat", state, job_id)
             values: dict[str, Any] = {"lease_expires_at": _lease_until(session, lease_s)}
             if progress is not None:
                 values["progress"] = progress
             if new_stage is not None:
                 values["stage"] = new_stage
-            job = _set_if(session, job_id, state=state, owner=worker_id, values=values)
+            job = _set_if(
+                session, job_id, state=state, owner=worker_id, attempt=attempt, values=values
+            )
             if job is None:
                 continue  # cancelled (running -> cancelling) meanwhile: renew from that state
             old_stage = JobStage(row.stage) if row.stage is not None else None
@@ -727,7 +781,7 @@ def heartbeat(
         raise RuntimeError(f"job {job_id}: heartbeat lost {_RACE_ROUNDS} races in a row")
 
 
-def finish(session: Session, job_id: int, worker_id: str) -> Job:
+def finish(session: Session, job_id: int, worker_id: str, *, attempt: int | None = None) -> Job:
     """The worker completed the job: ``succeeded`` (or ``cancelled`` if cancellation was
     requested while it ran). Raises :class:`LeaseLost` if the worker does not hold the lease."""
 
@@ -742,10 +796,12 @@ def finish(session: Session, job_id: int, worker_id: str) -> Job:
             return "completed after cancellation was requested; result discarded"
         return "succeeded"
 
-    return _worker_transition(session, job_id, worker_id, "finish", values, message)
+    return _worker_transition(session, job_id, worker_id, "finish", values, message, attempt)
 
 
-def finish_cancelled(session: Session, job_id: int, worker_id: str) -> Job:
+def finish_cancelled(
+    session: Session, job_id: int, worker_id: str, *, attempt: int | None = None
+) -> Job:
     """The worker stopped a ``cancelling`` job at the user's request: ``cancelled``."""
     return _worker_transition(
         session,
@@ -754,10 +810,13 @@ def finish_cancelled(session: Session, job_id: int, worker_id: str) -> Job:
         "finish_cancelled",
         lambda _target: {"finished_at": _now(session), **_released()},
         lambda _target: "stopped at the user's request",
+        attempt,
     )
 
 
-def fail(session: Session, job_id: int, worker_id: str, error: str) -> Job:
+def fail(
+    session: Session, job_id: int, worker_id: str, error: str, *, attempt: int | None = None
+) -> Job:
     """The job failed on ``worker_id`` for ``error`` (a human-readable reason); no retry."""
     return _worker_transition(
         session,
@@ -766,10 +825,18 @@ def fail(session: Session, job_id: int, worker_id: str, error: str) -> Job:
         "fail",
         lambda _target: {"finished_at": _now(session), "error": error, **_released()},
         lambda _target: error,
+        attempt,
     )
 
 
-def retry(session: Session, job_id: int, worker_id: str, reason: str = "") -> Job:
+def retry(
+    session: Session,
+    job_id: int,
+    worker_id: str,
+    reason: str = "",
+    *,
+    attempt: int | None = None,
+) -> Job:
     """The worker gives the job back: ``queued`` again (``attempts`` kept: the next claim counts
     the next attempt), or ``cancelled`` if cancellation was requested meanwhile."""
 
@@ -779,7 +846,13 @@ def retry(session: Session, job_id: int, worker_id: str, reason: str = "") -> Jo
         return {"stage": None, **_released()}
 
     return _worker_transition(
-        session, job_id, worker_id, "retry", values, lambda _target: reason or "given back"
+        session,
+        job_id,
+        worker_id,
+        "retry",
+        values,
+        lambda _target: reason or "given back",
+        attempt,
     )
 
 
@@ -839,11 +912,18 @@ def reap(session: Session, now: datetime | None = None) -> list[int]:
 # --- what workers record ----------------------------------------------------------------------
 
 
-def record_metrics(session: Session, job_id: int, rows: Iterable[Mapping[str, Any]]) -> int:
+def record_metrics(
+    session: Session,
+    job_id: int,
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    attempt: int | None = None,
+) -> int:
     """Append metric points to the job's time series; return how many.
 
     Each row has ``split``, ``name`` and ``value`` and optionally ``trial``, ``epoch``, ``step``.
     NaN values are kept as NULL (a diverging loss is worth seeing); infinities are kept as such.
+    With ``attempt``, the write is fenced (:class:`StaleAttempt`; see the module docstring).
     """
     points: list[dict[str, Any]] = []
     for row in rows:
@@ -871,17 +951,22 @@ def record_metrics(session: Session, job_id: int, rows: Iterable[Mapping[str, An
     if not points:
         return 0
     with _transaction(session):
+        _fence(session, job_id, attempt)
         # Core insert: one executemany, with the timestamp taken from the database clock.
         session.execute(insert(Metric.__table__).values(at=_now(session)), points)
     return len(points)
 
 
-def append_log(session: Session, job_id: int, level: str, message: str) -> JobLog:
-    """Append a log line (level: debug, info, warning or error) to the job's log."""
+def append_log(
+    session: Session, job_id: int, level: str, message: str, *, attempt: int | None = None
+) -> JobLog:
+    """Append a log line (level: debug, info, warning or error) to the job's log (fenced with
+    ``attempt``)."""
     level = level.lower()
     if level not in LOG_LEVELS:
         raise ValueError(f"log level must be one of {LOG_LEVELS}, got {level!r}")
     with _transaction(session):
+        _fence(session, job_id, attempt)
         return session.scalars(
             insert(JobLog)
             .values(job_id=job_id, at=_now(session), level=level, message=message)
@@ -895,18 +980,26 @@ def _upsert(session: Session) -> Callable[..., Any]:
 
 
 def add_checkpoint(
-    session: Session, job_id: int, name: str, uri: str, *, size: int, sha256: str
+    session: Session,
+    job_id: int,
+    name: str,
+    uri: str,
+    *,
+    size: int,
+    sha256: str,
+    attempt: int | None = None,
 ) -> Checkpoint:
     """Record the job's checkpoint ``name`` (``best``, ``last``, ...) at ``uri``.
 
     A checkpoint of the same name replaces the previous record: ``best`` and ``last`` move as
-    training goes on.
+    training goes on. Fenced with ``attempt``.
     """
     if size < 0:
         raise ValueError(f"checkpoint size must be non-negative, got {size}")
     if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
         raise ValueError(f"sha256 must be 64 lowercase hex digits, got {sha256!r}")
     with _transaction(session):
+        _fence(session, job_id, attempt)
         now = _now(session)
         stmt = _upsert(session)(Checkpoint).values(
             job_id=job_id, name=name, uri=uri, size=size, sha256=sha256, created_at=now
@@ -934,17 +1027,19 @@ def upsert_trial(
     params: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
     checkpoint_uri: str | None = None,
+    attempt: int | None = None,
 ) -> Trial:
     """Create or update trial ``trial_index`` of the job's search.
 
     On update, ``params`` and ``metrics`` replace the stored ones when given, and a None
-    ``checkpoint_uri`` keeps the one already recorded.
+    ``checkpoint_uri`` keeps the one already recorded. Fenced with ``attempt``.
     """
     if not state:
         raise ValueError("trial state must be a non-empty string")
     params_json = _spec_json(params or {})
     metrics_json = _spec_json(_finite_json(metrics or {}))
     with _transaction(session):
+        _fence(session, job_id, attempt)
         stmt = _upsert(session)(Trial).values(
             job_id=job_id,
             trial_index=trial_index,

@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = Field(
         default=None, description="S3-compatible endpoint (MinIO, moto); None means AWS."
     )
+    s3_public_endpoint_url: str | None = Field(
+        default=None,
+        description="The S3 endpoint as clients outside the deployment reach it: presigned "
+        "download URLs point there. Default: s3_endpoint_url.",
+    )
     s3_region: str = Field(default="us-east-1", description="S3 region.")
     s3_access_key_id: SecretStr | None = Field(default=None, description="S3 access key.")
     s3_secret_access_key: SecretStr | None = Field(default=None, description="S3 secret key.")
@@ -79,7 +84,25 @@ class Settings(BaseSettings):
         "file:// and s3:// URIs (any bucket the deployment's credentials reach). Only for a "
         "single-user install: with it, every tenant reads whatever the deployment can.",
     )
+    resource_wait_s: int = Field(
+        default=600,
+        ge=0,
+        description="How long a job waits (stage waiting_for_resources) for the Ray cluster to "
+        "have room for its training or a trial before it fails.",
+    )
+    stop_grace_s: int = Field(
+        default=15,
+        ge=1,
+        description="After a cancel, how long a job's Ray run has to stop on its own (writing a "
+        "final checkpoint) before the worker kills it.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    max_student_params: int = Field(
+        default=100_000_000,
+        ge=1_000,
+        le=100_000_000_000,
+        description="The most parameters a job's student may have (checked at submit).",
+    )
 
     @field_validator("database_url")
     @classmethod

@@ -2,14 +2,27 @@
 
 This module is part of the service layer and never imports torch: the method names and their
 options are listed here as a catalogue, and a test checks the catalogue against
-``bird_core.methods`` so the two cannot drift apart.
+``bird_core.methods`` so the two cannot drift apart (the students' catalogue is
+:mod:`service.students`, checked the same way).
+
+What depends on the dataset (the student for a tabular or an image dataset, its input channels
+or features, adversarial debiasing's group count) is left open here and filled in when the job
+is submitted, from the dataset's manifest (:func:`service.compat.check_spec_against`): the
+stored spec is the resolved one.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from service.students import (
+    STUDENT_DEFAULTS,
+    check_student_name,
+    check_student_options,
+    student_family,
+)
 
 OptionValue = float | int | str | bool | None
 
@@ -49,8 +62,9 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     },
 }
 
-STUDENT_MODELS = ("small_cnn", "resnet18", "mlp")
 MAX_URI = 1024
+# A student option's value: a scalar, or a list of integers (the MLP's hidden widths).
+StudentOptionValue = float | int | str | bool | None | list[int]
 
 
 class _Strict(BaseModel):
@@ -87,25 +101,74 @@ class TeacherSpec(_Strict):
     """The teacher: a frozen pretrained backbone + probe, an architecture with weights, or CLIP."""
 
     kind: Literal["efficientnet_lite0_probe", "model", "open_clip"] = "efficientnet_lite0_probe"
-    arch: str | None = Field(default=None, max_length=128)
+    arch: str | None = Field(
+        default=None,
+        max_length=128,
+        description="kind model: taken from a teacher published by `bird teachers train` when "
+        "left out; open_clip: required.",
+    )
     weights_uri: str | None = Field(default=None, max_length=MAX_URI)
     image_size: int = Field(default=48, ge=16, le=1024)
     probe_epochs: int = Field(default=30, ge=1, le=1000)
 
     @model_validator(mode="after")
     def _needs_weights(self) -> TeacherSpec:
-        if self.kind in ("model", "open_clip") and (self.arch is None or self.weights_uri is None):
-            raise ValueError(f"teacher kind {self.kind!r} needs both arch and weights_uri")
+        if self.kind in ("model", "open_clip") and self.weights_uri is None:
+            raise ValueError(f"teacher kind {self.kind!r} needs a weights_uri")
+        if self.kind == "open_clip" and self.arch is None:
+            raise ValueError("teacher kind 'open_clip' needs an arch (ViT-B-32, RN50, ...)")
+        if self.kind == "efficientnet_lite0_probe" and self.weights_uri is not None:
+            raise ValueError(
+                "teacher kind 'efficientnet_lite0_probe' takes no weights_uri: its weights ship "
+                "with bird"
+            )
         return self
 
 
 class StudentSpec(_Strict):
-    """The student architecture and its constructor options."""
+    """The student architecture and its constructor options (see :mod:`service.students`).
 
-    model: Literal["small_cnn", "resnet18", "mlp"] = "small_cnn"
-    options: dict[str, OptionValue] = Field(
-        default_factory=lambda: {"width": 16, "embed_dim": 64}, max_length=16
+    ``model`` left out is chosen for the dataset when the job is submitted (``mlp`` for a
+    tabular dataset, ``small_cnn`` for images). ``options`` are merged over the model's
+    defaults (:data:`~service.students.STUDENT_DEFAULTS`), so the stored spec lists every one.
+    """
+
+    model: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="small_cnn, resnet18, mlp, tv:<torchvision arch> or timm:<timm arch>; "
+        "default: mlp for tabular datasets, small_cnn for images.",
     )
+    options: dict[str, StudentOptionValue] | None = Field(
+        default=None, max_length=16, validate_default=True
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, model: str | None) -> str | None:
+        if model is not None:
+            check_student_name(model)
+        return model
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _with_defaults(cls, options: Any, info: ValidationInfo) -> Any:
+        # The model's defaults under what the spec gives, so the stored spec lists every option.
+        model = info.data.get("model")
+        if model is None or not (options is None or isinstance(options, dict)):
+            return options
+        return {**STUDENT_DEFAULTS[student_family(model)], **(options or {})}
+
+    @field_validator("options")
+    @classmethod
+    def _valid_options(
+        cls, options: dict[str, Any] | None, info: ValidationInfo
+    ) -> dict[str, Any] | None:
+        model = info.data.get("model")
+        if model is not None:  # else chosen for the dataset at submit, and checked then
+            check_student_options(model, options or {})
+        return options
 
 
 class MethodSpec(_Strict):
@@ -208,6 +271,11 @@ class ResourcesSpec(_Strict):
     workers: int = Field(default=1, ge=1, le=64)
     gpus_per_worker: float = Field(default=0, ge=0, le=8)
     cpus_per_worker: float = Field(default=1, gt=0, le=128)
+    placement: Literal["pack", "spread"] = Field(
+        default="pack",
+        description="pack: the ranks on as few nodes as possible (fastest DDP); spread: on "
+        "as many nodes as possible (ranks share no node, where the cluster has the nodes).",
+    )
 
 
 class JobSpec(_Strict):

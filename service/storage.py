@@ -599,6 +599,8 @@ class S3Store(ObjectStore):
     """A bucket and key prefix on an S3-compatible endpoint (AWS, MinIO, moto).
 
     ``endpoint_url=None`` means AWS itself; credentials left as None use boto3's default chain.
+    ``public_endpoint_url`` is the same endpoint as clients outside the deployment reach it
+    (presigned URLs are signed for it; default: ``endpoint_url``).
     ``multipart_threshold``/``multipart_chunksize`` control when and how ``put_file``/``get_file``
     switch to multipart transfers; ``page_size`` is the ListObjectsV2 page size (tests shrink it
     to exercise pagination).
@@ -613,6 +615,7 @@ class S3Store(ObjectStore):
         access_key_id: str | None = None,
         secret_access_key: str | None = None,
         *,
+        public_endpoint_url: str | None = None,
         multipart_threshold: int = 64 * MiB,
         multipart_chunksize: int = 16 * MiB,
         max_concurrency: int = 8,
@@ -625,6 +628,7 @@ class S3Store(ObjectStore):
         self.bucket = bucket
         self.prefix = validate_prefix(prefix)
         self.endpoint_url = endpoint_url
+        self.public_endpoint_url = public_endpoint_url
         self.region = region
         self._access_key_id = access_key_id
         self._secret_access_key = secret_access_key
@@ -637,6 +641,13 @@ class S3Store(ObjectStore):
             # one is picked only on some instance types and ignores part of this config.
             preferred_transfer_client="classic",
         )
+        self.client = self._make_client(endpoint_url)
+        # Only signs URLs (no request is sent through it): made on the first presign.
+        self._presign_client: Any = None
+        self._bucket_seen = False
+
+    def _make_client(self, endpoint_url: str | None) -> Any:
+        """A boto3 S3 client for ``endpoint_url`` with this store's region and credentials."""
         config_kwargs: dict[str, Any] = {
             "signature_version": "s3v4",
             "retries": {"max_attempts": 5, "mode": "standard"},
@@ -654,15 +665,14 @@ class S3Store(ObjectStore):
                 response_checksum_validation="when_required",
             )
         with _SESSION_LOCK:
-            self.client = _shared_session().client(
+            return _shared_session().client(
                 "s3",
                 endpoint_url=endpoint_url,
-                region_name=region,
-                aws_access_key_id=access_key_id,
-                aws_secret_access_key=secret_access_key,
+                region_name=self.region,
+                aws_access_key_id=self._access_key_id,
+                aws_secret_access_key=self._secret_access_key,
                 config=Config(**config_kwargs),
             )
-        self._bucket_seen = False
 
     def __repr__(self) -> str:
         return f"S3Store({self.uri()!r}, endpoint_url={self.endpoint_url!r})"
@@ -872,11 +882,17 @@ class S3Store(ObjectStore):
                 )
 
     def presigned_get_url(self, key: str, expires_s: int = 900) -> str:
-        """A SigV4-presigned GetObject URL valid for ``expires_s`` seconds (at most 7 days)."""
+        """A SigV4-presigned GetObject URL valid for ``expires_s`` seconds (at most 7 days),
+        on the public endpoint when the store has one (a SigV4 signature covers the host)."""
         full = self._full_key(key)
         _check_expiry(expires_s)
+        client = self.client
+        if self.public_endpoint_url not in (None, self.endpoint_url):
+            if self._presign_client is None:
+                self._presign_client = self._make_client(self.public_endpoint_url)
+            client = self._presign_client
         with self._errors(self.uri(key)):
-            return self.client.generate_presigned_url(
+            return client.generate_presigned_url(
                 "get_object", Params={"Bucket": self.bucket, "Key": full}, ExpiresIn=expires_s
             )
 
@@ -1052,6 +1068,7 @@ def open_store(url: str, settings: Settings) -> ObjectStore:
                 region=settings.s3_region,
                 access_key_id=_secret(settings.s3_access_key_id),
                 secret_access_key=_secret(settings.s3_secret_access_key),
+                public_endpoint_url=settings.s3_public_endpoint_url,
             )
         if scheme == "file":
             if parsed.netloc not in ("", "localhost"):

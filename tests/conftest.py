@@ -131,6 +131,11 @@ class RayHead:
             # Every Ray Train run starts a preemption-watcher actor (a process of its own) to
             # react to spot-instance notices; a single local node gets none.
             "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+            # The node's worker processes inherit this: Ray Train's placement-group cleaner
+            # asks this cluster's State API, instead of scanning the machine for a Ray
+            # instance (which fails when other Ray clusters run here too, as they do when
+            # several test sessions share a machine).
+            "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}",
         }
         self.log = Path(tempfile.mkdtemp(prefix="bird-ray-")) / "head.log"
         ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")

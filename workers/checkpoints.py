@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bird_core.checkpoint import MANIFEST, read_manifest
+from bird_core.checkpoint import MANIFEST, CheckpointError, read_manifest
 from service.storage import ObjectNotFoundError, ObjectStore, join_key
 
 __all__ = [
@@ -104,20 +104,41 @@ def publish_checkpoint(
 def download_checkpoint(store: ObjectStore, base: str, name: str, destination: str | Path) -> Path:
     """Fetch ``<base>/<name>/`` into ``destination/<name>`` and verify it; return that path.
 
-    Only a directory whose manifest is present is read (the manifest is written last).
+    Only a directory whose manifest is present is read (the manifest is written last). A
+    directory caught in the middle of a new publish (its manifest deleted, or files of the
+    new version under the old manifest: a run killed while publishing) is read from
+    ``<base>/<name>.tar`` instead, which every publish replaces in one atomic put and which
+    carries its own manifest.
     """
     prefix = checkpoint_prefix(base, name)
     target = Path(destination) / name
     target.mkdir(parents=True, exist_ok=True)
     try:
         manifest = json.loads(store.get_bytes(join_key(prefix, MANIFEST)))
+        for file_name in manifest["files"]:
+            store.get_file(join_key(prefix, file_name), target / file_name)
+        (target / MANIFEST).write_text(json.dumps(manifest))
+        read_manifest(target)  # sizes and sha256 of every file
+        return target
+    except (ObjectNotFoundError, CheckpointError) as error:
+        directory_error = error
+    try:
+        archive = store.get_bytes(f"{prefix}.tar")
     except ObjectNotFoundError:
-        raise ObjectNotFoundError(
-            f"no published checkpoint at {store.uri(prefix)} (its manifest is missing)",
-            store.uri(join_key(prefix, MANIFEST)),
-        ) from None
-    for file_name in manifest["files"]:
-        store.get_file(join_key(prefix, file_name), target / file_name)
-    (target / MANIFEST).write_text(json.dumps(manifest))
-    read_manifest(target)  # sizes and sha256 of every file
+        if isinstance(directory_error, ObjectNotFoundError):
+            raise ObjectNotFoundError(
+                f"no published checkpoint at {store.uri(prefix)} (its manifest is missing)",
+                store.uri(join_key(prefix, MANIFEST)),
+            ) from None
+        raise directory_error from None
+    for stale in target.iterdir():
+        stale.unlink()
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        for member in tar.getmembers():
+            if not member.isfile() or Path(member.name).name != member.name:
+                raise CheckpointError(f"{store.uri(prefix)}.tar holds an unexpected entry")
+            extracted = tar.extractfile(member)
+            assert extracted is not None
+            (target / member.name).write_bytes(extracted.read())
+    read_manifest(target)
     return target

@@ -16,6 +16,7 @@ run waits for that run's manifest instead of computing the same features again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -306,6 +307,8 @@ def precompute_features(
     lock_stale_after_s: float = 60,
     recompute_corrupt: bool = False,
     on_progress: Callable[[str], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    compute: Callable[..., FeatureSet] | None = None,
     cache_store: ObjectStore | None = None,
 ) -> FeatureSet:
     """Features of ``teacher`` for every row of the dataset: reused if published, else computed.
@@ -315,8 +318,14 @@ def precompute_features(
     store, so derived data never lands inside a dataset's location, and the key (a hash of the
     dataset's content and the teacher) lets every job with the same inputs reuse it.
 
-    Returns the published :class:`FeatureSet`. Raises :class:`FeatureError` naming the shard's
-    URI when a cached shard fails its checksum (unless ``recompute_corrupt``).
+    Returns the published :class:`FeatureSet`. A cached set whose shard is missing or fails its
+    checksum raises :class:`FeatureError` naming the shard's URI, or, with
+    ``recompute_corrupt``, is invalidated (its manifest deleted) and computed again, once: a
+    second corrupt set raises. ``should_stop`` is asked while waiting for another run's
+    precompute (True: raise :class:`~workers.errors.JobCancelled`). ``compute``, when given,
+    runs the computation instead of this process (it receives the arguments of
+    :func:`compute_features` after the two stores; the job pipeline runs it as a Ray task it
+    can kill).
     """
     data_store = store
     store = cache_store if cache_store is not None else data_store
@@ -331,22 +340,33 @@ def precompute_features(
     deadline = time.monotonic() + wait_timeout_s
     run_id = uuid.uuid4().hex[:12]
     lock = FeatureLock(store, join_key(prefix, LOCK_NAME), run_id, stale_after_s=lock_stale_after_s)
+    invalidated = waiting = False
     while True:
         existing = find_features(store, key)
         if existing is not None:
             try:
                 verify_features(store, existing)
                 return existing
-            except ChecksumMismatchError:
-                if not recompute_corrupt:
+            except (ChecksumMismatchError, FeatureError) as error:
+                if not recompute_corrupt or invalidated:
                     raise
+                # Self-healing: readers trust only manifests, so deleting it invalidates the
+                # set; this run (or a concurrent one) computes it again.
+                invalidated = True
                 store.delete(join_key(prefix, MANIFEST_NAME))
+                if on_progress:
+                    on_progress(f"cached teacher features are corrupt ({error}); recomputing them")
         if lock.acquire():
             break
+        if should_stop is not None and should_stop():
+            from workers.errors import JobCancelled
+
+            raise JobCancelled()
         if time.monotonic() > deadline:
             raise FeatureError(f"timed out waiting for another run to publish {store.uri(prefix)}")
-        if on_progress:
+        if on_progress and not waiting:
             on_progress("waiting for a concurrent precompute of the same features")
+        waiting = True
         time.sleep(1.0)
 
     try:
@@ -354,9 +374,9 @@ def precompute_features(
         existing = find_features(store, key)
         if existing is not None:
             return existing
-        return _compute_and_publish(
-            store,
-            data_store,
+        if compute is None:
+            compute = functools.partial(compute_features, store, data_store)
+        return compute(
             dataset_prefix,
             dataset_manifest,
             teacher,
@@ -377,7 +397,20 @@ def precompute_features(
         lock.release()
 
 
-def _compute_and_publish(
+def compute_features_at(
+    store_url: str, data_store_url: str, settings: Any, *args: Any, **kwargs: Any
+) -> FeatureSet:
+    """:func:`compute_features` publishing to the store at ``store_url`` from the dataset in
+    the store at ``data_store_url`` (for a Ray task: a store object does not travel, its URL
+    does)."""
+    from service.storage import open_store
+
+    cache = open_store(store_url, settings)
+    data = cache if data_store_url == store_url else open_store(data_store_url, settings)
+    return compute_features(cache, data, *args, **kwargs)
+
+
+def compute_features(
     store: ObjectStore,
     data_store: ObjectStore,
     dataset_prefix: str,
@@ -397,6 +430,8 @@ def _compute_and_publish(
     seed: int,
     dataset_sha: str,
 ) -> FeatureSet:
+    """Run the teacher over the dataset with Ray Data and publish the shards under the run's
+    own prefix, then the manifest (the caller holds the key's lock)."""
     import ray.data
 
     dataset_meta, _ = parse_metadata(dataset_manifest.metadata)

@@ -21,7 +21,21 @@ class ShardedIngest(DataConfig):
     equal split is enough: each rank reads its own shard through ``get_dataset_shard`` every
     epoch (shuffled locally), without that actor. Datasets that are still lazy keep Ray's
     streaming split; datasets not named in ``datasets_to_split`` are read whole by every rank.
+
+    ``shards`` holds splits made before the run started (:func:`presplit`): an equal split runs
+    Ray tasks that need a CPU each, and once the run's workers hold every CPU of the cluster
+    (2 workers x 1 CPU on 2 CPUs) a split made here would wait for ever.
     """
+
+    def __init__(
+        self,
+        datasets_to_split: Any = "all",
+        *,
+        shards: dict[str, list[Any]] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(datasets_to_split=datasets_to_split, **kwargs)
+        self._shards = dict(shards or {})
 
     def configure(
         self,
@@ -50,7 +64,23 @@ class ShardedIngest(DataConfig):
             **kwargs,
         )
         for name, ds in in_memory.items():
-            shards = [ds] if world_size == 1 else ds.split(world_size, equal=True)
+            shards = self._shards.get(name)
+            if shards is None or len(shards) != world_size:
+                shards = [ds] if world_size == 1 else ds.split(world_size, equal=True)
             for rank, shard in enumerate(shards):
                 output[rank][name] = shard.iterator()
         return output
+
+
+def presplit(datasets: dict[str, Any], names: list[str], world_size: int) -> dict[str, list[Any]]:
+    """Equal splits of the in-memory datasets among ``names`` for ``world_size`` ranks, made
+    now, while the cluster still has CPUs for the split's tasks (see :class:`ShardedIngest`)."""
+    from ray.data.dataset import MaterializedDataset
+
+    if world_size == 1:
+        return {}
+    return {
+        name: datasets[name].split(world_size, equal=True)
+        for name in names
+        if isinstance(datasets.get(name), MaterializedDataset)
+    }

@@ -58,19 +58,33 @@ def decode_stage(
     return batch
 
 
-def table_for_write(batch: dict[str, np.ndarray]) -> pa.Table:
-    """A batch as an Arrow table with plain fixed-size float lists for the teacher outputs.
+# Columns written as float32 lists whatever dtype they arrive in: the teacher's outputs.
+_FLOAT_COLUMNS = frozenset({"embedding", "logits", "attention"})
 
-    Returning Arrow (not numpy) keeps Ray Data from writing its own tensor extension type, so
-    the shards read back with plain pyarrow anywhere.
+
+def _fixed_size_list(values: np.ndarray, dtype: type | None = None) -> pa.FixedSizeListArray:
+    """``[N, D, ...]`` as a column of ``N`` fixed-size lists of ``D·...`` values."""
+    arr = np.ascontiguousarray(values, dtype=dtype)
+    width = int(np.prod(arr.shape[1:]))
+    return pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), width)
+
+
+def table_for_write(batch: dict[str, np.ndarray]) -> pa.Table:
+    """A batch as an Arrow table with plain fixed-size lists for every multi-dimensional column.
+
+    Ray Data hands list columns of equal length over as 2-D arrays: the teacher's outputs, but
+    also a tabular dataset's features ``x`` and multi-label ``label``. Returning Arrow (not
+    numpy) keeps Ray Data from writing its own tensor extension type, so the shards read back
+    with plain pyarrow anywhere.
     """
     columns: dict[str, pa.Array] = {}
     for name, values in batch.items():
-        if name in ("embedding", "logits", "attention"):
-            arr = np.ascontiguousarray(values, dtype=np.float32)
-            columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(arr.ravel()), arr.shape[1])
+        if name in _FLOAT_COLUMNS:
+            columns[name] = _fixed_size_list(values, np.float32)
         elif values.dtype == object:
             columns[name] = pa.array(list(values))
+        elif values.ndim > 1:
+            columns[name] = _fixed_size_list(values)
         else:
             columns[name] = pa.array(values)
     return pa.table(columns)

@@ -171,18 +171,32 @@ class DatabaseSink:
     """Writes records to the jobs database: metric rows, checkpoint records, the trial row.
 
     Picklable: only the URL and ids travel; the engine is created on first use in whichever
-    process the sink ends up (the Ray Train controller).
+    process the sink ends up (the Ray Train controller). With ``attempt`` every write is fenced
+    (``service.queue``): once another attempt owns the job, a write raises
+    :class:`~service.queue.StaleAttempt`, which ends the stale run.
     """
 
-    def __init__(self, database_url: str, job_id: int, trial: int | None = None) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        job_id: int,
+        trial: int | None = None,
+        attempt: int | None = None,
+    ) -> None:
         self.database_url = database_url
         self.job_id = job_id
         self.trial = trial
+        self.attempt = attempt
         self._engine: Any = None
         self._written: set[tuple[int | None, int]] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"database_url": self.database_url, "job_id": self.job_id, "trial": self.trial}
+        return {
+            "database_url": self.database_url,
+            "job_id": self.job_id,
+            "trial": self.trial,
+            "attempt": self.attempt,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)  # type: ignore[misc]
@@ -229,6 +243,7 @@ class DatabaseSink:
                         info["uri"],
                         size=info["size"],
                         sha256=info["sha256"],
+                        attempt=self.attempt,
                     )
             else:
                 best = record.checkpoints.get("best")
@@ -243,6 +258,7 @@ class DatabaseSink:
                         **{k: record.val.get(k) for k in REPORT_SCALARS},
                     },
                     checkpoint_uri=best["uri"] if best else None,
+                    attempt=self.attempt,
                 )
             if record.resumed_from_epoch is not None:
                 where = "" if record.trial is None else f" (trial {record.trial})"
@@ -251,9 +267,10 @@ class DatabaseSink:
                     self.job_id,
                     "info",
                     f"resumed from the checkpoint after epoch {record.resumed_from_epoch}{where}",
+                    attempt=self.attempt,
                 )
             # Metric rows last: the objective row is what marks the epoch as stored.
-            queue.record_metrics(session, self.job_id, metric_rows(record))
+            queue.record_metrics(session, self.job_id, metric_rows(record), attempt=self.attempt)
             self._written.add(key)
             return True
 

@@ -30,8 +30,8 @@ from bird_core.preprocess import Preprocessor
 from bird_core.train import EpochResult, TrainConfig, TrainingState, evaluate, fit, seed_everything
 from bird_datasets.fingerprint import dataset_fingerprint
 from service.storage import Manifest, ObjectStore, publish
+from service.teachers import TEACHER_JSON, TEACHER_WEIGHTS
 from workers.datasets import load_splits
-from workers.teachers import TEACHER_JSON, TEACHER_WEIGHTS
 
 __all__ = ["TEACHER_FORMAT", "default_options", "train_teacher"]
 

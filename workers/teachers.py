@@ -33,7 +33,6 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 import torch
 from torch import nn
@@ -41,17 +40,18 @@ from torch import nn
 from bird_core.models import EFFICIENTNET_LITE_NORM, ClassifierHead, Net, create_model
 from bird_core.preprocess import Preprocessor
 from service.storage import (
-    MANIFEST_NAME,
     ChecksumMismatchError,
-    InvalidKeyError,
     Manifest,
-    ManifestError,
     ObjectNotFoundError,
     ObjectStore,
     fetch_verified,
     join_key,
-    read_manifest,
-    validate_key,
+)
+from service.teachers import (
+    TEACHER_JSON,
+    TeacherRecordError,
+    published_teacher,
+    resolve_teacher_key,
 )
 
 # CLIP's own image normalisation.
@@ -60,9 +60,6 @@ CLIP_NORM = {
     "std": [0.26862954, 0.26130258, 0.27577711],
 }
 
-# Names inside a published teacher (``bird teachers train`` writes them; see teacher_training).
-TEACHER_JSON = "teacher.json"
-TEACHER_WEIGHTS = "model.safetensors"
 
 TEACHER_KINDS = ("efficientnet_lite0_probe", "model", "open_clip")
 
@@ -422,28 +419,13 @@ def resolve_store_key(store: ObjectStore, uri: str) -> str:
     """The key in ``store`` that ``uri`` names: a key, or a full URI under the store's base.
 
     ``s3://bucket/prefix/key`` (or ``file:///root/key``) must lie inside ``store``: teachers
-    are read only through the job's own store, with its endpoint and credentials.
+    are read only through the job's own store, with its endpoint and credentials (see
+    :func:`service.teachers.resolve_teacher_key`, which the API uses too).
     """
-    base = store.uri("").rstrip("/")
-    if "://" in uri:
-        if uri.rstrip("/") == base:
-            return ""
-        if not uri.startswith(base + "/"):
-            raise TeacherLoadError(
-                f"teacher weights {uri} are outside the object store {base}; "
-                "copy them into it or give a key relative to it"
-            )
-        key = uri[len(base) + 1 :].rstrip("/")
-        if urlparse(uri).scheme == "file":
-            key = unquote(key)  # LocalStore.uri percent-encodes
-    else:
-        key = uri.strip("/")
-    if key == "":
-        return ""
     try:
-        return validate_key(key)
-    except InvalidKeyError as err:
-        raise TeacherLoadError(f"invalid teacher weights URI {uri!r}: {err}") from err
+        return resolve_teacher_key(store, uri)
+    except TeacherRecordError as err:
+        raise TeacherLoadError(str(err)) from err
 
 
 def _spec_fields(spec: Any) -> tuple[dict[str, Any], set[str]]:
@@ -463,25 +445,13 @@ def _spec_fields(spec: Any) -> tuple[dict[str, Any], set[str]]:
 
 
 def _published_teacher(store: ObjectStore, key: str) -> tuple[str, str, Manifest] | None:
-    """``(prefix, weights name, manifest)`` if ``key`` names a published teacher or its weights.
-
-    A published teacher is an artifact set holding ``teacher.json``; ``key`` may name its prefix
-    or a file in it.
-    """
-    candidates = [(key, TEACHER_WEIGHTS)]
-    if key:
-        parent, _, name = key.rpartition("/")
-        candidates.append((parent, name))
-    for prefix, name in candidates:
-        if not store.exists(join_key(prefix, MANIFEST_NAME)):
-            continue
-        try:
-            manifest = read_manifest(store, prefix)
-        except ManifestError as err:
-            raise TeacherLoadError(f"teacher at {store.uri(prefix)}: {err}") from err
-        if TEACHER_JSON in manifest.files and name in manifest.files:
-            return prefix, name, manifest
-    return None
+    """``(prefix, weights name, manifest)`` if ``key`` names a published teacher or its weights
+    (:func:`service.teachers.published_teacher`)."""
+    try:
+        found = published_teacher(store, key)
+    except TeacherRecordError as err:
+        raise TeacherLoadError(str(err)) from err
+    return None if found is None else (found.prefix, found.weights_name, found.manifest)
 
 
 def _fetch(store: ObjectStore, key: str, manifest: Manifest | None, name: str) -> bytes:

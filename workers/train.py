@@ -10,11 +10,13 @@ checkpoint format); this module only distributes it:
   own meta batches from it) and ``val`` (rank 0 evaluates).
 * :func:`train_loop_per_worker` is the per-rank loop: restore from ``ray.train.get_checkpoint()``,
   DDP through ``prepare_model``, one ``ray.train.report`` per epoch (rank 0 attaches the
-  checkpoint and publishes ``last`` and, when the objective improved, ``best``), a cooperative
-  stop flag checked between steps.
+  checkpoint and publishes ``last`` and, when the objective improved, ``best``), the job's
+  :class:`~workers.control.RunControl` checked between steps (stop: final checkpoint; abort:
+  nothing more).
 * :func:`run_training` builds the ``TorchTrainer`` with ``ScalingConfig``, ``RunConfig`` on the
   object store (S3 with an explicit endpoint, or a local directory), ``FailureConfig`` and the
-  metrics sink callback, and runs it.
+  metrics sink callback, and runs it; :func:`train_job_run` is what a job's Ray task runs
+  (datasets, then training).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import math
 import os
 import tempfile
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,30 +59,33 @@ from bird_core.train import (
     TrainConfig,
     build_optimizer,
     evaluate,
+    is_channels_last,
     make_batch,
     seed_everything,
     split_meta,
     train_step,
     unwrap,
 )
+from service.compat import resolve_spec
 from service.settings import Settings
 from service.spec import JobSpec, ObjectiveSpec
 from service.storage import ObjectStore, open_store
 from workers.checkpoints import publish_checkpoint
+from workers.control import ABORT, RUN, STOP
+from workers.errors import RunInputError
 from workers.features import (
     FeatureSet,
     batch_from_rows,
     read_feature_split,
     rows_as_tensors,
 )
-from workers.ingest import ShardedIngest
+from workers.ingest import ShardedIngest, presplit
 from workers.rows import decode_images_once, select_ids
 from workers.sinks import EpochRecord, MetricsSink, SinkCallback
 
 __all__ = [
     "FAULT_ENV",
     "FaultInjection",
-    "StopFlag",
     "TrainOutcome",
     "TrainPlan",
     "build_datasets",
@@ -87,6 +93,7 @@ __all__ = [
     "plan_training",
     "run_training",
     "search_score",
+    "train_job_run",
     "train_loop_per_worker",
 ]
 
@@ -95,7 +102,7 @@ __all__ = [
 FAULT_ENV = "BIRD_TEST_FAULT"
 # The epoch record inside Ray's checkpoint directory (see train_loop_per_worker).
 RECORD_FILE = "epoch_record.json"
-# How often rank 0 asks the stop flag (a Ray actor) between steps.
+# How often rank 0 asks the job's RunControl (a Ray actor) between steps.
 _STOP_POLL_S = 0.2
 
 
@@ -129,22 +136,6 @@ class FaultInjection:
             os._exit(17)  # no cleanup, no exception: as if the process was killed
 
 
-@ray.remote(num_cpus=0)
-class StopFlag:
-    """A cooperative stop request shared by the driver and every training worker."""
-
-    def __init__(self) -> None:
-        self.stop = False
-
-    def set(self) -> None:
-        """Ask training to stop after the current step."""
-        self.stop = True
-
-    def is_set(self) -> bool:
-        """Whether a stop was asked for."""
-        return self.stop
-
-
 @dataclass(frozen=True)
 class TrainPlan:
     """Everything a training worker needs, as plain data (sent to every Ray worker)."""
@@ -162,7 +153,7 @@ class TrainPlan:
     settings: Settings
     checkpoint_base: str | None  # where best/last are published, e.g. jobs/7/checkpoints
     trial: int | None = None
-    stop_flag: str | None = None  # name of a StopFlag actor
+    run_control: str | None = None  # name of the job's RunControl actor
     fault: FaultInjection | None = None
     # The dataset's declared (C, H, W): images are decoded to these channels everywhere.
     image_shape: tuple[int, int, int] | None = None
@@ -286,19 +277,26 @@ def plan_training(
     checkpoint_base: str | None,
     trial: int | None = None,
     overrides: dict[str, Any] | None = None,
-    stop_flag: str | None = None,
+    run_control: str | None = None,
 ) -> TrainPlan:
     """The :class:`TrainPlan` of a job (or of one trial of its search, with ``overrides``)."""
+    # A spec the API stored is resolved already; one from elsewhere (a test, a bench) gets the
+    # defaults that depend on the dataset here (the student for its kind, input sizes).
+    spec, problems = resolve_spec(spec, dataset_meta)
+    if problems or spec.student.model is None:
+        raise ValueError("; ".join(f"{'.'.join(p.loc)}: {p.message}" for p in problems))
     options = {**spec.method.options, **(overrides or {})}
     create_method(spec.method.name, **options)  # unknown options or bad values fail here, early
-    student_options = dict(spec.student.options)
+    student_options = dict(spec.student.options or {})
     if spec.student.model == "mlp":
         student_options.setdefault("in_features", dataset_meta.num_features)
     elif dataset_meta.image_shape is not None:
         # Images are decoded to the channels the dataset declares, whatever the stored mode.
         student_options.setdefault("in_channels", dataset_meta.image_shape[0])
-    # The student is built once here so that options it does not take fail the job at once.
-    create_model(spec.student.model, dataset_meta.num_classes, **student_options)
+    # The student is built and run once here, on two inputs of the dataset's shape, so that
+    # options it does not take or images it cannot handle fail the job at once.
+    student = create_model(spec.student.model, dataset_meta.num_classes, **student_options)
+    check_student_input(student, spec.student.model, dataset_meta)
     metadata = features.metadata
     counts = metadata.get("counts", {})
     return TrainPlan(
@@ -315,10 +313,25 @@ def plan_training(
         settings=settings,
         checkpoint_base=checkpoint_base,
         trial=trial,
-        stop_flag=stop_flag,
+        run_control=run_control,
         fault=FaultInjection.from_env(),
         image_shape=dataset_meta.image_shape,
     )
+
+
+def check_student_input(student: torch.nn.Module, model: str, dataset_meta: Any) -> None:
+    """Run ``student`` (eval mode) on two zero inputs of the dataset's shape; ``ValueError``
+    saying which shape it cannot take (an architecture whose downsampling leaves nothing of a
+    small image, say)."""
+    shape = dataset_meta.image_shape or (dataset_meta.num_features,)
+    student.eval()
+    try:
+        with torch.no_grad():
+            student(torch.zeros(2, *shape))
+    except (RuntimeError, ValueError) as err:
+        what = "x".join(str(v) for v in shape)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"student {model} cannot take inputs of shape {what}: {first}") from err
 
 
 def build_datasets(
@@ -400,18 +413,41 @@ def _rank_divergence(student: torch.nn.Module, method: torch.nn.Module, world: i
 
 
 class _StopPoller:
-    """Rank 0 polls the StopFlag actor (every _STOP_POLL_S at most); ranks agree by all-reduce."""
+    """Rank 0 polls the job's RunControl (every _STOP_POLL_S at most); ranks agree by
+    all-reduce. A control that is gone (its worker died, or a new attempt replaced it) means
+    abort: this run belongs to an attempt that no longer owns the job."""
 
-    def __init__(self, name: str | None, rank: int):
-        self.handle = ray.get_actor(name) if name and rank == 0 else None
+    def __init__(self, handle: Any):
+        self.handle = handle
         self.next_poll = 0.0
-        self.seen = False
+        self.mode = RUN
 
-    def local(self) -> bool:
-        if self.handle is not None and not self.seen and time.monotonic() >= self.next_poll:
-            self.seen = bool(ray.get(self.handle.is_set.remote()))
+    def local(self) -> int:
+        if self.handle is not None and self.mode != ABORT and time.monotonic() >= self.next_poll:
+            try:
+                self.mode = max(self.mode, int(ray.get(self.handle.mode.remote())))
+            except ray.exceptions.RayActorError:
+                self.mode = ABORT
             self.next_poll = time.monotonic() + _STOP_POLL_S
-        return self.seen
+        return self.mode
+
+
+def _control_handle(plan: TrainPlan) -> Any:
+    """The job's RunControl actor, or None (no control named, or already gone)."""
+    if plan.run_control is None:
+        return None
+    try:
+        return ray.get_actor(plan.run_control)
+    except ValueError:
+        return None
+
+
+def _register_placement_group(handle: Any, plan: TrainPlan) -> None:
+    """Tell the job's RunControl about this run's placement group (released if the run is
+    killed: see workers.control)."""
+    group = ray.util.get_current_placement_group()
+    if handle is not None and group is not None:
+        handle.register.remote("train", plan.trial, group)
 
 
 def build_student_and_method(plan: TrainPlan) -> tuple[Any, Any]:
@@ -438,8 +474,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_config = plan.train_config()
     torch.set_num_threads(max(1, int(config.get("torch_threads", 1))))
 
-    student, method = build_student_and_method(plan)
-    method.check_student(student)
+    control = _control_handle(plan)
+    if rank == 0:
+        _register_placement_group(control, plan)
+    try:
+        student, method = build_student_and_method(plan)
+        method.check_student(student)
+    except (TypeError, ValueError) as error:
+        # The spec asks for a combination that cannot train (e.g. BIRD's head-only virtual step
+        # on a student without an embedding layer): the job's input, not a fault to retry.
+        message = f"{plan.job.method.name} cannot train this student: {error}"
+        if control is not None:
+            control.report_input_error.remote(message, traceback.format_exc())
+        raise RunInputError(message) from None
     preprocess = Preprocessor.from_config(plan.preprocessing)
 
     start_epoch, step, best_score, best_epoch = 0, 0, -math.inf, None
@@ -468,6 +515,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     student.to(device)
     method.to(device)
     preprocess = preprocess.to(device)
+    # bf16 and channels-last as bird_core.train.fit decides them, for this rank's device.
+    step_format = train_config.step_format(device)
+    step_format.prepare_model(student)
     distiller: torch.nn.Module = Distiller(student, method)
     if world > 1:
         distiller = ray.train.torch.prepare_model(
@@ -500,7 +550,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         steps_per_epoch = min(steps_per_epoch, train_config.max_steps_per_epoch)
     total_steps = steps_per_epoch * train_config.epochs
     store = open_store(plan.store_url, plan.settings) if rank == 0 else None
-    poller = _StopPoller(plan.stop_flag, rank)
+    poller = _StopPoller(control if rank == 0 else None)
     shard = ray.train.get_dataset_shard("train")
     meta_batch_size = getattr(method.options, "meta_batch_size", None) or batch_size
 
@@ -519,6 +569,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         sums: dict[str, float] = {}
         done = 0
         stopped = False
+        aborted = False
         batches = shard.iter_batches(
             batch_size=batch_size,
             batch_format="numpy",
@@ -536,12 +587,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             flags = torch.tensor([float(poller.local()), float(rows is None)])
             if world > 1:
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            if flags[0] >= ABORT:
+                aborted = True
+                break
             if flags[1] > 0:
                 break
-            if flags[0] > 0:
+            if flags[0] >= STOP:
                 stopped = True
                 break
-            batch = batch_from_rows(rows, preprocess, device, plan.image_shape)
+            batch = step_format.prepare_batch(
+                batch_from_rows(rows, preprocess, device, plan.image_shape)
+            )
             meta_batch = None
             if sampler is not None:
                 meta_batch = make_batch(
@@ -551,14 +607,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     meta_features,
                     device,
                 )
+                meta_batch = step_format.prepare_batch(meta_batch)
             ctx = StepContext(task=plan.task, progress=step / total_steps, step=step)  # type: ignore[arg-type]
-            logs = train_step(
-                distiller, optimizer, batch, ctx, meta_batch, bf16=train_config.use_bf16
-            )
+            logs = train_step(distiller, optimizer, batch, ctx, meta_batch, bf16=step_format.bf16)
             for key, value in logs.items():
                 sums[key] = sums.get(key, 0.0) + value
             done += 1
             step += 1
+        if aborted:
+            # The attempt lost the job: end without a checkpoint, a report or a publication.
+            return
         train_means = {k: v / max(done, 1) for k, v in sums.items()}
         divergence = _rank_divergence(student, method, world)
         metrics: dict[str, Any] = {"epoch": epoch + 1, "stopped": stopped}
@@ -648,6 +706,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "rank_param_max_diff": divergence,
                     "checkpoints": published,
                     "record": record.to_json(),
+                    # What the steps ran with, and the student's weights as they are now.
+                    "step_format": {
+                        **step_format.as_dict(),
+                        "student_channels_last": is_channels_last(student),
+                    },
                 }
             )
             if restored_record is not None:
@@ -720,7 +783,8 @@ def run_training(
     """Run ``plan`` with a ``TorchTrainer``; resume if ``storage``/``run_name`` hold a run.
 
     Resources come from the spec: ``resources.workers`` ranks with ``cpus_per_worker`` CPUs and
-    ``gpus_per_worker`` GPUs each (GPU runs use NCCL, CPU runs gloo). Up to
+    ``gpus_per_worker`` GPUs each (GPU runs use NCCL, CPU runs gloo), packed on few nodes or
+    spread over many (``resources.placement``). Up to
     ``max_attempts - 1`` worker failures are survived by restoring the last checkpoint.
     """
     spec = plan.job
@@ -729,9 +793,10 @@ def run_training(
     per_worker: dict[str, float] = {"CPU": resources.cpus_per_worker}
     if use_gpu:
         per_worker["GPU"] = resources.gpus_per_worker
-    all_callbacks = list(callbacks or [])
-    if sink is not None:
-        all_callbacks.append(SinkCallback(sink))
+    # The sink first: a report reaches the database before Tune (TuneReportCallback) hears of
+    # it, since Tune may stop the trial, and with it this run's controller, right after.
+    all_callbacks = [SinkCallback(sink)] if sink is not None else []
+    all_callbacks += list(callbacks or [])
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -739,11 +804,19 @@ def run_training(
             "torch_threads": max(1, int(resources.cpus_per_worker)),
         },
         scaling_config=ScalingConfig(
-            num_workers=resources.workers, use_gpu=use_gpu, resources_per_worker=per_worker
+            num_workers=resources.workers,
+            use_gpu=use_gpu,
+            resources_per_worker=per_worker,
+            # Ray's placement-group strategies: SPREAD is best effort, so a run that lost a
+            # node restores on the nodes that remain.
+            placement_strategy=resources.placement.upper(),
         ),
         datasets=datasets,
         # `train` is split across ranks; `meta` and `val` are read whole where they are needed.
-        dataset_config=ShardedIngest(datasets_to_split=["train"]),
+        dataset_config=ShardedIngest(
+            datasets_to_split=["train"],
+            shards=presplit(datasets, ["train"], resources.workers),
+        ),
         run_config=RunConfig(
             name=run_name,
             storage_path=storage.path,
@@ -765,7 +838,19 @@ def run_training(
     return outcome
 
 
-def stop_flag(name: str) -> Any:
-    """Create (or get) the named :class:`StopFlag` actor."""
-    # Owned by the calling process: if it dies, the flag goes with it.
-    return StopFlag.options(name=name, get_if_exists=True).remote()  # type: ignore[attr-defined]
+def train_job_run(
+    plan: TrainPlan,
+    data_store_url: str,
+    features: FeatureSet,
+    *,
+    storage: RayStorage,
+    run_name: str,
+    sink: MetricsSink | None = None,
+) -> TrainOutcome:
+    """A job's training as its Ray task runs it: the datasets, then :func:`run_training`.
+
+    The datasets are materialized here, in the task, so that killing the task frees them too.
+    """
+    store = open_store(data_store_url, plan.settings)
+    datasets = build_datasets(store, features, plan)
+    return run_training(plan, datasets, storage=storage, run_name=run_name, sink=sink)

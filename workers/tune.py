@@ -14,22 +14,31 @@ The objective is fairness-aware and stated in the spec (``search.objective``):
 Each trial publishes its own ``best``/``last`` under ``<job>/trials/<i>/checkpoints``; the best
 trial's ``best`` becomes the job's ``best``. The Pareto front of (AUROC ↑, Δ_mean-DEO ↓) over the
 trials' best epochs is recorded with the trials.
+
+With a job's :class:`~workers.control.RunControl`, a stop ends the search: Tune starts no more
+trials and stops the running ones (whose training loops stop within a step), and ``run_search``
+returns the trials so far. Each trial registers its placement group with the control, so that a
+search killed outright leaves nothing reserved.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from bird_core.methods import create_method
 from service.spec import Distribution, JobSpec, SearchSpec
+from service.storage import open_store
+from workers.features import FeatureSet
 from workers.sinks import MetricsSink
-from workers.train import RayStorage, TrainPlan, run_training, search_score
+from workers.train import RayStorage, TrainPlan, build_datasets, run_training, search_score
 
 __all__ = [
     "SEARCH_METRIC",
@@ -38,6 +47,7 @@ __all__ = [
     "check_space",
     "pareto_front",
     "run_search",
+    "search_job_run",
     "search_score",
     "tune_space",
 ]
@@ -121,6 +131,42 @@ def _trial_index() -> int:
     return int(tune.get_context().get_trial_id().rsplit("_", 1)[-1])
 
 
+def _control(name: str | None) -> Any:
+    """The job's RunControl actor, or None (none named, or gone)."""
+    if name is None:
+        return None
+    try:
+        return ray.get_actor(name)
+    except ValueError:
+        return None
+
+
+class _StopOnRequest(tune.Stopper):
+    """Ends the whole search when the job's RunControl asks for a stop (or is gone: the
+    attempt that owned the search no longer does). Polled by Tune's loop; asks at most twice a
+    second."""
+
+    def __init__(self, control_name: str) -> None:
+        self.control_name = control_name
+        self._stop = False
+        self._next = 0.0
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        """Trials are stopped only all together (stop_all)."""
+        return False
+
+    def stop_all(self) -> bool:
+        """Whether the search must end now."""
+        if not self._stop and time.monotonic() >= self._next:
+            self._next = time.monotonic() + 0.5
+            control = _control(self.control_name)
+            try:
+                self._stop = control is None or bool(ray.get(control.is_set.remote(), timeout=5))
+            except ray.exceptions.RayActorError:
+                self._stop = True
+        return self._stop
+
+
 def _trial_driver(
     config: dict[str, Any],
     plan: TrainPlan,
@@ -134,6 +180,13 @@ def _trial_driver(
     from ray.tune.integration.ray_train import TuneReportCallback
 
     index = _trial_index()
+    control = _control(plan.run_control)
+    if control is not None:
+        if ray.get(control.is_set.remote()):
+            return  # the search is ending: no new training run
+        group = ray.util.get_current_placement_group()
+        if group is not None:
+            control.register.remote("trial", index, group)
     trial_plan = replace(
         plan,
         method_options={**plan.method_options, **config},
@@ -158,12 +211,14 @@ def run_search(
     run_name: str,
     trial_base: str,
     make_sink: Callable[[int], MetricsSink | None] = lambda index: None,
+    max_concurrent: int | None = None,
 ) -> SearchOutcome:
     """Run the spec's search, or continue it where ``storage``/``run_name`` hold its state;
     return every trial's outcome and the best one.
 
     ``trial_base`` is the store prefix under which trial ``i`` publishes its checkpoints
     (``<trial_base>/<i>/checkpoints/{best,last}``). ``make_sink(i)`` gives trial ``i``'s sink.
+    ``max_concurrent`` (default: the spec's) caps the trials that run at once.
     """
     spec: JobSpec = plan.job
     search = spec.search
@@ -212,13 +267,17 @@ def run_search(
                 # Seeded so a job's trials are reproducible; the generator enforces the limit
                 # on concurrent trials itself (TuneConfig's is ignored beside a generator).
                 search_alg=tune.search.BasicVariantGenerator(
-                    random_state=spec.seed, max_concurrent=search.max_concurrent_trials
+                    random_state=spec.seed,
+                    max_concurrent=max_concurrent or search.max_concurrent_trials,
                 ),
             ),
             run_config=tune.RunConfig(
                 name=run_name,
                 storage_path=storage.path,
                 storage_filesystem=storage.filesystem,
+                # Saved with the experiment: a restored search finds the control under the
+                # same (per-job) name.
+                stop=_StopOnRequest(plan.run_control) if plan.run_control else None,
             ),
         )
     return _outcome(tuner.fit(), search, spec.training.epochs, trial_base)
@@ -270,3 +329,28 @@ def _outcome(grid: Any, search: SearchSpec, max_epochs: int, trial_base: str) ->
     if scored:
         outcome.best = max(scored.values(), key=lambda t: (t.best_objective, -t.index))
     return outcome
+
+
+def search_job_run(
+    plan: TrainPlan,
+    data_store_url: str,
+    features: FeatureSet,
+    *,
+    storage: RayStorage,
+    run_name: str,
+    trial_base: str,
+    make_sink: Callable[[int], MetricsSink | None],
+    max_concurrent: int,
+) -> SearchOutcome:
+    """A job's search as its Ray task runs it: the datasets, then :func:`run_search`."""
+    store = open_store(data_store_url, plan.settings)
+    datasets = build_datasets(store, features, plan)
+    return run_search(
+        plan,
+        datasets,
+        storage=storage,
+        run_name=run_name,
+        trial_base=trial_base,
+        make_sink=make_sink,
+        max_concurrent=max_concurrent,
+    )

@@ -89,8 +89,8 @@ class JobPublic(_Out):
     id: int
     state: JobState = Field(description="queued, running, cancelling, succeeded, failed, cancelled")
     stage: JobStage | None = Field(
-        description="What a running job is doing: precomputing, training, tuning, evaluating, "
-        "uploading (null when not running)."
+        description="What a running job is doing: precomputing, waiting_for_resources, "
+        "training, tuning, evaluating, uploading (null when not running)."
     )
     progress: float = Field(description="0..1, reported by the worker.")
     priority: int

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from service.storage import store_from_settings
 from tests.integration.api_fixtures import (  # noqa: F401
     LiveAPI,
     _api_local_server,
@@ -131,15 +132,13 @@ def running_worker(api: LiveAPI, **settings: Any) -> Iterator[Worker]:
     """A worker polling the API's database in a thread of this process until the block ends.
 
     Heartbeats every second (a cancel reaches the running job within a second); ``settings``
-    override further fields of the API's settings.
+    override further fields of the API's settings (the worker opens its own store when they
+    change the S3 endpoint).
     """
     overrides = {"heartbeat_s": 1, **settings}
-    worker = Worker(
-        api.settings.model_copy(update=overrides),
-        engine=api.engine,
-        store=api.store,
-        poll_s=0.2,
-    )
+    worker_settings = api.settings.model_copy(update=overrides)
+    store = store_from_settings(worker_settings) if "s3_endpoint_url" in settings else api.store
+    worker = Worker(worker_settings, engine=api.engine, store=store, poll_s=0.2)
     stop = threading.Event()
     thread = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
     thread.start()

@@ -105,13 +105,21 @@ def _worker_process(live_api: LiveAPI, ray_address: str, log: Path) -> subproces
     )
 
 
-def _claimed_by(client: BirdClient, job_id: int, attempt: int) -> int:
-    """The pid of the worker that runs ``attempt`` (from its log line "attempt N on host:pid:…")."""
-    prefix = f"attempt {attempt} on "
+def _claimed_by(client: BirdClient, job_id: int, attempt: int) -> str:
+    """The id of the worker that runs ``attempt`` (from its log line "attempt N on worker …")."""
+    prefix = f"attempt {attempt} on worker "
     for line in client.logs(job_id)["items"]:
         if line["message"].startswith(prefix):
-            return int(line["message"][len(prefix) :].split(":")[1])
+            return line["message"][len(prefix) :]
     raise AssertionError(f"no log line {prefix!r}: {client.logs(job_id)['items']}")
+
+
+def _worker_id(log: Path) -> str:
+    """The id a `bird worker` process announced in its log ("worker <id> polling for jobs")."""
+    for line in log.read_text().splitlines():
+        if line.startswith("worker ") and line.endswith(" polling for jobs"):
+            return line.split()[1]
+    raise AssertionError(f"no worker id in {log}: {log.read_text()[-2000:]}")
 
 
 def test_a_worker_killed_mid_job_loses_its_lease_and_another_resumes_the_job(
@@ -130,10 +138,10 @@ def test_a_worker_killed_mid_job_loses_its_lease_and_another_resumes_the_job(
             assert first.poll() is None, first_log.read_text()[-3000:]
             assert time.monotonic() < deadline, client.get_job(job_id)
             time.sleep(0.2)
-        assert _claimed_by(client, job_id, 1) == first.pid
+        assert _claimed_by(client, job_id, 1) == _worker_id(first_log)
         # The second worker runs in this process (it has torch and Ray loaded already) with
         # the same short lease; it waits for the first one's lease to expire.
-        with running_worker(live_api, lease_s=5):
+        with running_worker(live_api, lease_s=5) as second:
             os.killpg(first.pid, signal.SIGKILL)  # the worker and anything it started
             first.wait(timeout=30)
             killed_at_epochs = _epochs(client, job_id)
@@ -145,7 +153,7 @@ def test_a_worker_killed_mid_job_loses_its_lease_and_another_resumes_the_job(
     log = [line["message"] for line in client.logs(job_id)["items"]][-20:]
     assert job["state"] == "succeeded", (job, log)
     assert job["attempts"] == 2
-    assert _claimed_by(client, job_id, 2) == os.getpid()
+    assert _claimed_by(client, job_id, 2) == second.worker_id
     # Every epoch once, and the second attempt restored the first one's last checkpoint
     # instead of starting over.
     assert _epochs(client, job_id) == [1, 2, 3]

@@ -246,17 +246,17 @@ def live_api_local(_api_local_server: _Server) -> LiveAPI:
 
 
 def publish_tiny_dataset(store: ObjectStore, prefix: str = TINY_DATASET_PREFIX) -> str:
-    """Publish a valid tabular bird dataset of six rows (two per split) at ``prefix``."""
+    """Publish a valid image bird dataset (RGB, 8x8) of six rows (two per split) at
+    ``prefix``: the default teacher and student of a job take it."""
     meta = DatasetMeta(
-        name="tiny", task="multiclass", input="tabular", num_classes=2, num_groups=2,
-        num_features=3,
+        name="tiny", task="multiclass", input="image", num_classes=2, num_groups=2,
+        image_shape=(3, 8, 8),
     )  # fmt: skip
     rng = np.random.default_rng(0)
 
     def split() -> DatasetArrays:
-        return DatasetArrays(
-            label=np.array([0, 1]), group=np.array([0, 1]), x=rng.normal(size=(2, 3))
-        )
+        images = rng.integers(0, 256, size=(2, 3, 8, 8), dtype=np.uint8)
+        return DatasetArrays(label=np.array([0, 1]), group=np.array([0, 1]), images=images)
 
     write_dataset(
         store, prefix, splits={"train": split(), "val": split(), "test": split()}, meta=meta
@@ -284,7 +284,7 @@ def job_spec(dataset: str, **overrides: Any) -> dict[str, Any]:
     """A small valid job spec on ``dataset``; top-level keys of ``overrides`` replace defaults."""
     spec: dict[str, Any] = {
         "dataset": {"uri": dataset},
-        "student": {"model": "mlp", "options": {}},
+        "student": {"model": "small_cnn", "options": {"width": 4}},
         "method": {"name": "bkd", "options": {"lambda_kd": 1.0}},
         "training": {"epochs": 1, "batch_size": 4},
     }

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import URL, Engine, Index, MetaData, inspect, select, text
-from sqlalchemy.exc import IntegrityError, StatementError
+from sqlalchemy.exc import DataError, IntegrityError, StatementError
 from sqlalchemy.orm import Session
 
 from service import queue
-from service.db import current_revision, head_revision, make_engine, session_factory, upgrade
+from service.db import (
+    alembic_config,
+    current_revision,
+    head_revision,
+    make_engine,
+    session_factory,
+    upgrade,
+)
 from service.models import Base, Job, JobState, Tenant
 
 
@@ -51,7 +60,7 @@ def test_upgrade_is_idempotent(backend: str, request: pytest.FixtureRequest) -> 
     url: URL = request.getfixturevalue(f"{'pg' if backend == 'postgresql' else 'sqlite'}_empty_url")
     assert current_revision(url) is None
     upgrade(url)
-    assert current_revision(url) == head_revision() == "0002_fair_claim"
+    assert current_revision(url) == head_revision() == "0003_fair_claim"
     upgrade(url)  # already at head: nothing to do, no error
     assert current_revision(url) == head_revision()
     engine = make_engine(url)
@@ -137,6 +146,59 @@ def test_state_check_constraint_rejects_unknown_states(
                 {"tenant": db_tenant_id, "now": datetime(2024, 1, 1)},
             )
         connection.rollback()
+
+
+def _insert_job_with_stage(connection: Any, tenant_id: int, stage: str) -> None:
+    connection.execute(
+        text(
+            "INSERT INTO jobs (tenant_id, spec, state, stage, created_at, updated_at) "
+            "VALUES (:tenant, '{}', 'running', :stage, :now, :now)"
+        ),
+        {"tenant": tenant_id, "stage": stage, "now": datetime(2024, 1, 1)},
+    )
+
+
+def test_stage_check_constraint_allows_waiting_for_resources_only_among_new_stages(
+    db_engine: Engine, db_tenant_id: int
+) -> None:
+    """The migrated column holds the longest stage, and its CHECK still refuses unknown ones
+    (SQLite rebuilt the table in the migration: the constraint must have come along)."""
+    with db_engine.connect() as connection:
+        _insert_job_with_stage(connection, db_tenant_id, "waiting_for_resources")
+        connection.commit()
+        with pytest.raises(IntegrityError):
+            _insert_job_with_stage(connection, db_tenant_id, "napping")
+        connection.rollback()
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_stage_migration_downgrades_and_upgrades_again(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    url: URL = request.getfixturevalue(f"{'pg' if backend == 'postgresql' else 'sqlite'}_empty_url")
+    upgrade(url)
+    engine = make_engine(url)
+    try:
+        with session_factory(engine)() as session:
+            tenant = Tenant(name="t")
+            session.add(tenant)
+            session.commit()
+            tenant_id = tenant.id
+        with engine.connect() as connection:
+            _insert_job_with_stage(connection, tenant_id, "waiting_for_resources")
+            connection.commit()
+        command.downgrade(alembic_config(engine), "0001_initial")
+        with engine.connect() as connection:
+            # The waiting job lost its stage; the old column refuses the new stage again
+            # (PostgreSQL: too long for it; SQLite: its CHECK).
+            assert connection.execute(text("SELECT stage FROM jobs")).scalar_one() is None
+            with pytest.raises((IntegrityError, DataError)):
+                _insert_job_with_stage(connection, tenant_id, "waiting_for_resources")
+            connection.rollback()
+        upgrade(engine)
+        assert schema_diff(engine) == []
+    finally:
+        engine.dispose()
 
 
 def test_progress_and_foreign_keys_are_enforced(db_engine: Engine, db_tenant_id: int) -> None:

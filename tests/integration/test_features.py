@@ -100,7 +100,7 @@ def test_second_request_reuses_shards_without_running_the_teacher(
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher ran although the features were cached")
 
-    monkeypatch.setattr(features_module, "_compute_and_publish", no_teacher)
+    monkeypatch.setattr(features_module, "compute_features", no_teacher)
     monkeypatch.setattr(features_module.TeacherEmbedder, "__call__", no_teacher)
     second = precompute_fm_features(fm_features.store, fm_features.splits.preprocessing)
     assert second.key == first.key and second.manifest == first.manifest

@@ -15,8 +15,24 @@ from sqlalchemy.orm import Session
 
 from service import queue
 from service.db import make_engine, session_factory
-from service.models import Checkpoint, Job, JobEvent, JobLog, JobStage, JobState, Metric, Tenant
-from service.queue import IdempotencyConflict, IllegalTransition, JobNotFound, LeaseLost
+from service.models import (
+    Checkpoint,
+    Job,
+    JobEvent,
+    JobLog,
+    JobStage,
+    JobState,
+    Metric,
+    Tenant,
+    Trial,
+)
+from service.queue import (
+    IdempotencyConflict,
+    IllegalTransition,
+    JobNotFound,
+    LeaseLost,
+    StaleAttempt,
+)
 
 LEASE_S = 60
 SPEC = {"method": "bird", "epochs": 3}
@@ -705,6 +721,111 @@ def test_job_ids_are_random_and_a_taken_id_is_drawn_again(
     if 12345 not in ids:
         assert queue.submit(db_session, db_tenant_id, {"n": "again"}).id == 12345
     assert fresh(db_session, ids[0]).spec == {"n": 0}
+
+
+# --- fencing: writes of a stale attempt ------------------------------------------------------
+
+
+def _writes(session: Session, job_id: int, attempt: int, tag: str) -> dict[str, object]:
+    """One of every fenced worker write, for ``attempt``; what each raised (or None)."""
+    outcomes: dict[str, object] = {}
+    calls = {
+        "metrics": lambda: queue.record_metrics(
+            session, job_id, [{"split": "val", "name": tag, "value": 1.0}], attempt=attempt
+        ),
+        "checkpoint": lambda: queue.add_checkpoint(
+            session, job_id, tag, f"s3://b/{tag}", size=1, sha256="a" * 64, attempt=attempt
+        ),
+        "trial": lambda: queue.upsert_trial(session, job_id, attempt, state=tag, attempt=attempt),
+        "log": lambda: queue.append_log(session, job_id, "info", tag, attempt=attempt),
+    }
+    for name, call in calls.items():
+        try:
+            call()
+            outcomes[name] = None
+        except StaleAttempt as error:
+            outcomes[name] = error
+    return outcomes
+
+
+def _written(session: Session, job_id: int, tag: str) -> dict[str, int]:
+    count = {
+        "metrics": select(func.count()).select_from(Metric).where(Metric.name == tag),
+        "checkpoint": select(func.count()).select_from(Checkpoint).where(Checkpoint.name == tag),
+        "log": select(func.count()).select_from(JobLog).where(JobLog.message == tag),
+    }
+    return {name: int(session.scalar(query)) for name, query in count.items()}
+
+
+def test_writes_of_a_stale_attempt_are_refused_by_the_database(
+    db_session: Session, db_tenant_id: int
+) -> None:
+    job = queue.submit(db_session, db_tenant_id, SPEC, max_attempts=3)
+    first = queue.claim(db_session, "w1", LEASE_S)
+    assert first.attempts == 1
+    assert _writes(db_session, job.id, 1, "one") == dict.fromkeys(
+        ("metrics", "checkpoint", "trial", "log")
+    )
+    # The lease expires, the reaper requeues the job and another worker claims attempt 2.
+    assert queue.reap(db_session, now=later(LEASE_S + 1)) == [job.id]
+    assert queue.claim(db_session, "w2", LEASE_S).attempts == 2
+
+    refused = _writes(db_session, job.id, 1, "stale")
+    assert all(isinstance(error, StaleAttempt) for error in refused.values()), refused
+    assert _written(db_session, job.id, "stale") == {"metrics": 0, "checkpoint": 0, "log": 0}
+    assert queue.get_job(db_session, job.id).state == JobState.RUNNING
+    # The same worker id cannot act for an attempt that is not the current one either.
+    with pytest.raises(LeaseLost):
+        queue.heartbeat(db_session, job.id, "w2", LEASE_S, attempt=1)
+    with pytest.raises(LeaseLost):
+        queue.fail(db_session, job.id, "w2", "stale", attempt=1)
+
+    # The current attempt writes and finishes; after that nothing is accepted, not even from it.
+    assert _writes(db_session, job.id, 2, "two") == dict.fromkeys(
+        ("metrics", "checkpoint", "trial", "log")
+    )
+    assert queue.heartbeat(db_session, job.id, "w2", LEASE_S, attempt=2) is False
+    queue.finish(db_session, job.id, "w2", attempt=2)
+    late = _writes(db_session, job.id, 2, "late")
+    assert all(isinstance(error, StaleAttempt) for error in late.values()), late
+    assert _written(db_session, job.id, "two") == {"metrics": 1, "checkpoint": 1, "log": 1}
+    assert _written(db_session, job.id, "late") == {"metrics": 0, "checkpoint": 0, "log": 0}
+    trials = db_session.scalars(select(Trial.state).where(Trial.job_id == job.id)).all()
+    assert sorted(trials) == ["one", "two"]
+
+
+def test_a_fenced_write_holds_the_job_row_until_it_commits(pg_url: object) -> None:
+    """On PostgreSQL the fence locks the job row until the write commits: the reaper (which
+    would make the attempt stale) passes over the locked row, and takes it once the write
+    committed, so a write that passed the fence can never land after its attempt was replaced."""
+    engine = make_engine(pg_url)  # type: ignore[arg-type]
+    try:
+        factory = session_factory(engine)
+        with factory() as session:
+            tenant = Tenant(name="fence")
+            session.add(tenant)
+            session.commit()
+            job = queue.submit(session, tenant.id, SPEC)
+            queue.claim(session, "w1", 0.05)
+        with factory() as writer, factory() as reaper:
+            # The write's transaction: fence taken, row inserted, not committed yet.
+            queue._fence(writer, job.id, 1)
+            writer.execute(
+                insert(Metric.__table__).values(
+                    job_id=job.id, split="val", name="held", value=1.0, at=later(0)
+                )
+            )
+            assert queue.reap(reaper, now=later(10)) == []  # the row is locked: passed over
+            writer.commit()
+            assert queue.reap(reaper, now=later(10)) == [job.id]
+        with factory() as session:
+            assert session.scalar(select(func.count()).select_from(Metric)) == 1
+            with pytest.raises(StaleAttempt):
+                queue.record_metrics(
+                    session, job.id, [{"split": "val", "name": "x", "value": 1.0}], attempt=1
+                )
+    finally:
+        engine.dispose()
 
 
 # --- exactly-once claims under concurrency ----------------------------------------------------

@@ -46,6 +46,7 @@ from service.storage import (
     validate_key,
     verify,
 )
+from tests.s3_fixtures import S3_STORE_PREFIX
 
 MiB = 1024 * 1024
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -235,6 +236,28 @@ def test_presigned_url_downloads_over_http(s3_store: S3Store):
     with urllib.request.urlopen(url, timeout=10) as response:
         assert response.status == 200
         assert response.read() == b"weights"
+
+
+def test_presigned_url_is_signed_for_the_public_endpoint(
+    make_s3_store: Any, s3_settings: Settings, s3_bucket: str
+):
+    """Clients outside the deployment reach S3 at another address than bird's processes (the
+    host's published port, not http://minio:9000): presigned URLs are signed for that one,
+    while the store's own requests keep the internal endpoint."""
+    internal = s3_settings.s3_endpoint_url
+    assert internal is not None and "127.0.0.1" in internal
+    public = internal.replace("127.0.0.1", "localhost")
+    settings = s3_settings.model_copy(update={"s3_public_endpoint_url": public})
+    store = open_store(f"s3://{s3_bucket}/{S3_STORE_PREFIX}", settings)
+    assert isinstance(store, S3Store) and store.endpoint_url == internal
+    store.put_bytes("downloads/public.bin", b"through the public address")
+    url = store.presigned_get_url("downloads/public.bin", expires_s=60)
+    assert url.startswith(public + "/") and "X-Amz-Signature=" in url
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.read() == b"through the public address"
+    # Without a public endpoint the URL is on the one endpoint there is.
+    default = make_s3_store().presigned_get_url("downloads/public.bin", expires_s=60)
+    assert default.startswith(internal + "/")
 
 
 def test_presigned_url_on_a_local_store_is_an_api_path(local_store: LocalStore):

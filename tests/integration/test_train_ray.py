@@ -79,6 +79,12 @@ def test_bird_on_two_ranks_publishes_best_and_last_that_reproduce_the_metrics(
         assert {"loss", "ce", "kd", "fair", "feat", "outer"} <= set(record.train)
         assert set(record.val) >= {"auroc", "f1", "accuracy", "delta_mean_deo", "groups"}
     assert outcome.last is not None and outcome.last["epoch"] == 2
+    # The spec leaves bf16 and channels-last unset: off on CPU ranks, as in bird_core's fit.
+    assert outcome.metrics["step_format"] == {
+        "bf16": False,
+        "channels_last": False,
+        "student_channels_last": False,
+    }
 
     # best is the epoch with the highest objective; both are published in S3 with the archive.
     best_record = max(records, key=lambda r: r.objective)
@@ -99,11 +105,21 @@ def test_bird_on_two_ranks_publishes_best_and_last_that_reproduce_the_metrics(
 def test_two_ranks_of_batch_b_match_one_rank_of_batch_2b(
     train_data_local: Any, bird_two_ranks: tuple[list[EpochRecord], Any]
 ) -> None:
+    """The one-rank run also asks for bf16 autocast and channels-last: the Ray loop applies
+    both (reported from inside the rank, the student's weights checked there) and the run
+    still agrees with the two-rank float32 run within the tolerance."""
     two_ranks, _ = bird_two_ranks
     sink = ActorSink()
-    spec = train_data_local.spec(training={"epochs": 2, "batch_size": 64})
-    _run(train_data_local, _plan(train_data_local, spec, "jobs/bird1"), "jobs/bird1", sink)
+    training = {"epochs": 2, "batch_size": 64, "bf16": True, "channels_last": True}
+    spec = train_data_local.spec(training=training)
+    plan = _plan(train_data_local, spec, "jobs/bird1")
+    outcome = _run(train_data_local, plan, "jobs/bird1", sink)
     one_rank = sorted(sink.records(), key=lambda r: r.epoch)
+    assert outcome.metrics["step_format"] == {
+        "bf16": True,
+        "channels_last": True,
+        "student_channels_last": True,
+    }
 
     assert [r.epoch for r in two_ranks] == [r.epoch for r in one_rank] == [1, 2]
     # Same number of optimisation steps: 2 ranks of B see as many rows per step as 1 of 2B.

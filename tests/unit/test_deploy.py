@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import importlib.util
 import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator, Mapping
 from functools import cache
 from pathlib import Path
@@ -51,6 +53,9 @@ DOCKERFILE = REPO_ROOT / "deploy" / "Dockerfile"
 DOCKERIGNORE = REPO_ROOT / ".dockerignore"
 K8S_DIR = REPO_ROOT / "deploy" / "k8s"
 RAYCLUSTER_SCHEMA = K8S_DIR / "schemas" / "raycluster.schema.json"
+LOCAL_DIR = REPO_ROOT / "deploy" / "local"
+LOCAL_OVERRIDE = LOCAL_DIR / "compose.yml"
+COMPOSE_TEST_SCRIPT = REPO_ROOT / "scripts" / "compose_test.py"
 K8S_DEFINITIONS_URI = "https://kubernetes.io/api/_definitions.json"
 
 # The oldest Kubernetes release the manifests promise to work with, and the newest bundled one.
@@ -338,7 +343,7 @@ def test_compose_checker_catches_broken_files(mutate, expected):
 
 def test_bird_services_share_one_environment():
     """The x-bird-env anchor: every bird container sees the same BIRD_* values (the API adds
-    only where it binds)."""
+    only where it binds and the S3 address its presigned URLs are signed for)."""
     compose = load_compose()
     services = compose["services"]
     shared = environment_of({"environment": compose["x-bird-env"]})
@@ -347,7 +352,7 @@ def test_bird_services_share_one_environment():
         env = environment_of(services[name])
         assert {key: env[key] for key in shared} == shared, name
     api_extra = environment_of(services["api"]).keys() - shared.keys()
-    assert api_extra == {"BIRD_API_HOST", "BIRD_API_PORT"}
+    assert api_extra == {"BIRD_API_HOST", "BIRD_API_PORT", "BIRD_S3_PUBLIC_ENDPOINT_URL"}
 
 
 @pytest.mark.parametrize("service", sorted(BIRD_SERVICES))
@@ -437,33 +442,199 @@ def test_api_port_and_healthcheck_agree():
     assert f"127.0.0.1:{port}/readyz" in " ".join(api["healthcheck"]["test"])
 
 
-def _compose_cli() -> list[str] | None:
-    docker = shutil.which("docker")
-    if (
-        docker
-        and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0
-    ):
-        return [docker, "compose"]
-    legacy = shutil.which("docker-compose")
-    return [legacy] if legacy else None
+def compose_cli() -> list[str]:
+    """The compose CLI that `make compose-test` uses (scripts/compose_test.py picks it).
+
+    Missing, it is a failure, not a skip: `make install-dev` installs Debian's docker-compose
+    (its `config` needs no Docker daemon), so every machine that runs the tests has one.
+    """
+    script = compose_test_script()
+    try:
+        return script.compose_cli()
+    except script.Failure as error:
+        pytest.fail(f"{error} (`make install-dev` does it)", pytrace=False)
 
 
-@pytest.mark.parametrize("profile", ["gpu", "cpu"])
-def test_compose_cli_accepts_the_file(profile):
-    """Where a compose CLI is installed, its own schema validation (no daemon needed)."""
-    cli = _compose_cli()
-    if cli is None:
-        pytest.skip("neither `docker compose` nor `docker-compose` is installed")
+@pytest.mark.parametrize(
+    ("profile", "files"),
+    [
+        ("gpu", [COMPOSE_FILE]),
+        ("cpu", [COMPOSE_FILE]),
+        ("cpu", [COMPOSE_FILE, LOCAL_OVERRIDE]),
+    ],
+    ids=["gpu", "cpu", "cpu+local-override"],
+)
+def test_compose_cli_accepts_the_file(profile, files):
+    """The compose CLI's own schema validation and merge (no daemon needed), also of the
+    local test's override on top of docker-compose.yml."""
     env = {key: os.environ[key] for key in ("PATH", "HOME") if key in os.environ}
-    profile_args = ["--profile", profile, "config", "-q"]
+    file_args = [arg for path in files for arg in ("-f", str(path))]
+    command = [*compose_cli(), "--project-directory", str(REPO_ROOT), *file_args]
     result = subprocess.run(
-        [*cli, "--project-directory", str(REPO_ROOT), "-f", str(COMPOSE_FILE), *profile_args],
+        [*command, "--profile", profile, "config"],
         capture_output=True,
         text=True,
         env=env,
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
+    merged = yaml.safe_load(result.stdout)["services"]
+    if LOCAL_OVERRIDE in files:
+        assert merged["postgres"]["image"] == compose_test_script().POSTGRES_IMAGE
+        assert merged["minio"]["image"] == compose_test_script().S3_IMAGE
+        # What the override does not name is docker-compose.yml's, e.g. the bird services.
+        assert merged["api"]["command"] == API_COMMAND
+        assert (
+            merged["postgres"]["healthcheck"]["test"]
+            == (load_compose()["services"]["postgres"]["healthcheck"]["test"])
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The local compose test (`make compose-test`): deploy/local/ and scripts/compose_test.py
+# --------------------------------------------------------------------------------------------
+
+# What an override may change in a service whose image it swaps: the image, and for a stand-in
+# that is another program (moto for MinIO), how it starts and how its health is probed.
+OVERRIDE_KEYS = {"image", "command", "entrypoint", "healthcheck"}
+
+
+@cache
+def compose_test_script() -> Any:
+    """scripts/compose_test.py as a module (its stand-in image names and compose CLI choice)."""
+    spec = importlib.util.spec_from_file_location("compose_test", COMPOSE_TEST_SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_override() -> dict[str, Any]:
+    return yaml.safe_load(LOCAL_OVERRIDE.read_text())
+
+
+def merge_compose(base: Any, override: Any) -> Any:
+    """Compose's merge of an override file: mappings merge key by key, everything else
+    (sequences included, as for command and entrypoint) is replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            merged[key] = merge_compose(base[key], value) if key in base else value
+        return merged
+    return override
+
+
+def override_problems(compose: Mapping[str, Any], override: Mapping[str, Any]) -> list[str]:
+    """The override swaps exactly the images that come from a registry, and nothing else."""
+    problems: list[str] = []
+    services = compose.get("services") or {}
+    swapped = override.get("services") or {}
+    if set(override) != {"services"}:
+        problems.append(
+            f"the override may only change services, not {sorted(set(override) - {'services'})}"
+        )
+    pulled = {name for name, service in services.items() if "build" not in service}
+    for name in sorted(pulled - swapped.keys()):
+        problems.append(f"{name}: its image {services[name].get('image')} is not swapped")
+    script = compose_test_script()
+    stand_ins = set(script.LOCAL_DOCKERFILES)
+    for name, service in swapped.items():
+        if name not in services:
+            problems.append(f"{name}: not a service of docker-compose.yml")
+            continue
+        if name not in pulled:
+            problems.append(f"{name}: built from deploy/Dockerfile; the override must not touch it")
+        if set(service) - OVERRIDE_KEYS:
+            problems.append(f"{name}: changes {sorted(set(service) - OVERRIDE_KEYS)}")
+        if service.get("image") not in stand_ins:
+            problems.append(f"{name}: {service.get('image')} is not a stand-in the script builds")
+    if set(swapped.get("postgres", {})) - {"image"}:
+        problems.append("postgres: the stand-in must run with the service's own settings")
+    return problems
+
+
+def test_local_override_swaps_exactly_the_unpullable_images():
+    compose, override = load_compose(), load_override()
+    assert override_problems(compose, override) == []
+    # The merged stack passes the same checks as docker-compose.yml itself.
+    assert compose_problems(merge_compose(compose, override)) == []
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda o: o["services"].pop("postgres"), "postgres: its image postgres:16 is not swapped"),
+        (
+            lambda o: o["services"].update(api={"image": "bird-local/python:3.11-bookworm"}),
+            "api: built from deploy/Dockerfile; the override must not touch it",
+        ),
+        (
+            lambda o: o["services"]["minio"].update(environment={"X": "1"}),
+            "minio: changes ['environment']",
+        ),
+        (
+            lambda o: o["services"]["postgres"].update(command=["postgres", "-c", "fsync=off"]),
+            "postgres: the stand-in must run with the service's own settings",
+        ),
+        (
+            lambda o: o["services"]["minio-init"].update(image="minio/mc:latest"),
+            "minio-init: minio/mc:latest is not a stand-in the script builds",
+        ),
+        (lambda o: o.update(volumes={"x": {}}), "may only change services, not ['volumes']"),
+    ],
+)
+def test_override_checker_catches_broken_files(mutate, expected):
+    override = copy.deepcopy(load_override())
+    mutate(override)
+    problems = override_problems(load_compose(), override)
+    assert any(expected in problem for problem in problems), problems
+
+
+def test_stand_ins_take_the_settings_of_the_services_they_replace():
+    """The stand-ins read the variables, paths and ports docker-compose.yml gives the real
+    images, so the services run them unchanged."""
+    services = load_compose()["services"]
+    override = load_override()["services"]
+    entrypoint = (LOCAL_DIR / "postgres-entrypoint.sh").read_text()
+    for variable in environment_of(services["postgres"]):
+        assert f"${{{variable}" in entrypoint, variable
+    (data_mount,) = services["postgres"]["volumes"]
+    assert f"PGDATA=${{PGDATA:-{data_mount.split(':')[1]}}}" in entrypoint
+    assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
+    assert "postgresql-15" in (LOCAL_DIR / "postgres.Dockerfile").read_text()
+
+    # moto listens where bird and the bucket one-shot look for MinIO.
+    endpoint = load_compose()["x-bird-env"]["BIRD_S3_ENDPOINT_URL"]
+    port = endpoint.rsplit(":", 1)[1]
+    assert override["minio"]["command"][-2:] == ["--port", port]
+    assert f"127.0.0.1:{port}/" in " ".join(override["minio"]["healthcheck"]["test"])
+    init_script = override["minio-init"]["command"][0]
+    assert f'endpoint_url="{endpoint}"' in init_script
+    for variable in environment_of(services["minio-init"]):
+        assert f'os.environ["{variable}"]' in init_script, variable
+
+
+def test_compose_test_builds_the_dockerfile_on_its_base_image_arguments():
+    """The script replaces exactly the base images of deploy/Dockerfile, whose defaults stay
+    the public images; the stand-ins' Dockerfiles declare the arguments it passes."""
+    script = compose_test_script()
+    from_args = {re.fullmatch(r"\$\{(\w+)\}", s["base"]).group(1) for s in _dockerfile()[1]}
+    assert set(script.BASE_IMAGE_ARGS) == from_args
+    for arg in from_args:
+        default = dockerfile_args()[arg]
+        assert "/" in default or ":" in default, default
+        assert not default.startswith("bird-local/"), default
+    assert {"python:3.11-slim-bookworm", "pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime"} == {
+        dockerfile_args()[arg] for arg in from_args
+    }
+    for image, (dockerfile, build_args) in script.LOCAL_DOCKERFILES.items():
+        assert image.startswith("bird-local/"), image
+        global_args, _ = parse_dockerfile((LOCAL_DIR / dockerfile).read_text())
+        assert set(build_args) <= set(global_args), (dockerfile, build_args)
+    # The Makefile's target runs the script (with the Makefile's torch).
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    assert re.search(r"^compose-test:.*\n(\t.*\n)*\t.*scripts/compose_test\.py", makefile, re.M)
 
 
 # --------------------------------------------------------------------------------------------
@@ -941,8 +1112,12 @@ def parse_dockerfile(text: str) -> tuple[dict[str, str], list[dict[str, Any]]]:
 
 
 @cache
+def _dockerfile_text() -> str:
+    return DOCKERFILE.read_text()
+
+
 def _dockerfile() -> tuple[dict[str, str], list[dict[str, Any]]]:
-    return parse_dockerfile(DOCKERFILE.read_text())
+    return parse_dockerfile(_dockerfile_text())
 
 
 def dockerfile_args() -> dict[str, str]:
@@ -1046,9 +1221,23 @@ def requirement_name(requirement: str) -> str:
     return re.split(r"[\[<>=!~ ;]", requirement, maxsplit=1)[0].lower()
 
 
+# Syntax that only BuildKit (or a Dockerfile frontend image fetched from a registry) understands:
+# the classic builder rejects it, and `make compose-test` builds where no registry is reachable.
+_BUILDKIT_ONLY = re.compile(r"--(?:mount|chmod|link|parents|exclude|checksum)\b|<<-?[\"']?\w")
+
+
 def dockerfile_problems() -> list[str]:
     problems = []
     api, worker = stage("api"), stage("worker")
+    if re.match(r"#\s*syntax\s*=", _dockerfile_text()):
+        problems.append("a `# syntax=` line makes BuildKit fetch a frontend image from a registry")
+    for stage_ in _dockerfile()[1]:
+        for instruction, args, body in stage_["instructions"]:
+            if body is not None or _BUILDKIT_ONLY.search(args):
+                problems.append(
+                    f"{stage_['name']}: `{instruction} {args[:60]}` needs BuildKit "
+                    "(the classic builder must build this file)"
+                )
     if not resolved_base(api).startswith("python:3.11-slim"):
         problems.append(f"api: base {resolved_base(api)} is not python:3.11-slim")
     if not re.fullmatch(
@@ -1084,10 +1273,14 @@ def test_dockerfile_commands():
     assert exec_form(worker, "CMD") == WORKER_COMMAND
     entrypoint = exec_form(worker, "ENTRYPOINT")
     assert entrypoint is not None and len(entrypoint) == 1
-    # The entrypoint script is written in the image (a heredoc) and hands over to the command.
-    scripts = [body for args, body in instructions(worker, "COPY") if args.endswith(entrypoint[0])]
-    assert len(scripts) == 1 and scripts[0] is not None
-    script = scripts[0]
+    # The entrypoint script is copied from deploy/, made executable, and hands over to the
+    # command.
+    copies = [shlex.split(args) for args, _ in instructions(worker, "COPY")]
+    sources = [words[0] for words in copies if words[-1] == entrypoint[0]]
+    assert len(sources) == 1, copies
+    runs = " ".join(args for args, _ in instructions(worker, "RUN"))
+    assert f"chmod 0755 {entrypoint[0]}" in runs
+    script = (REPO_ROOT / sources[0]).read_text()
     assert script.startswith("#!/bin/sh") and script.rstrip().endswith('exec "$@"')
     assert '"${1:-}" = "bird" ] && [ "${2:-}" = "worker" ]' in script
     assert "ray://*" in script, "a Ray Client address needs no local node"
@@ -1123,13 +1316,24 @@ def test_dockerfile_torch_sources():
         ),
         ('--index-url "${TORCH_CPU_INDEX}"', "", "api: installs ['torch==2.8.0'"),
         ("BIRD_API_HOST=0.0.0.0", "BIRD_HOST=0.0.0.0", "ENV BIRD_HOST is not a field"),
+        ("# bird images", "# syntax=docker/dockerfile:1.7\n# bird images", "a `# syntax=` line"),
+        (
+            "RUN chmod 0755 /usr/local/bin/bird-entrypoint",
+            "COPY --chmod=0755 deploy/bird-entrypoint.sh /usr/local/bin/",
+            "worker: `COPY --chmod=0755",
+        ),
+        (
+            "RUN chmod 0755 /usr/local/bin/bird-entrypoint",
+            'COPY <<"EOF" /usr/local/bin/bird-entrypoint\n#!/bin/sh\nEOF',
+            "needs BuildKit",
+        ),
     ],
 )
 def test_dockerfile_checker_catches_broken_files(old, new, expected, monkeypatch):
     text = DOCKERFILE.read_text()
     assert old in text
-    broken = parse_dockerfile(text.replace(old, new, 1))
-    monkeypatch.setattr(f"{__name__}._dockerfile", lambda: broken)
+    broken = text.replace(old, new, 1)
+    monkeypatch.setattr(f"{__name__}._dockerfile_text", lambda: broken)
     assert any(expected in problem for problem in dockerfile_problems()), dockerfile_problems()
 
 
@@ -1163,25 +1367,45 @@ def dockerignore_excludes(path: str, rules: list[str]) -> bool:
     return excluded
 
 
-def test_dockerignore_sends_what_the_images_copy_and_nothing_secret():
-    rules = [
+def dockerignore_rules() -> list[str]:
+    return [
         line.strip()
         for line in DOCKERIGNORE.read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
+
+
+def test_dockerignore_sends_what_the_images_install_and_nothing_secret():
+    """The images copy the source tree (``COPY . .``) and install it from pyproject.toml: every
+    package it installs is sent whatever its name (no list of directories to keep in step),
+    and secrets, local data and caches are not."""
+    rules = dockerignore_rules()
     sources = set()
     for name in ("api", "worker"):
         for args, body in instructions(stage(name), "COPY"):
             if body is None and "--from" not in args:
                 sources.update(shlex.split(args)[:-1])
-    # Every package the distribution ships is copied into the images (`pip install .`).
-    assert sources >= {"pyproject.toml", "README.md", *project_packages()}
-    for source in sources:
+    assert {".", "pyproject.toml", "README.md"} <= sources
+    packages = project_packages()
+    assert {"bird_core", "service", "workers"} <= set(packages)
+    for source in sorted(sources - {"."}):
         assert (REPO_ROOT / source).exists(), source
         assert not dockerignore_excludes(source, rules), source
-        if (REPO_ROOT / source).is_dir():
-            assert not dockerignore_excludes(f"{source}/module.py", rules), source
-    for private in (".env", ".git/config", "bird-data/bird.db", "service/__pycache__/a.pyc"):
+    for package in packages:
+        for path in (REPO_ROOT / package).rglob("*"):
+            relative = path.relative_to(REPO_ROOT).as_posix()
+            if path.is_file() and "__pycache__" not in path.parts:
+                assert not dockerignore_excludes(relative, rules), relative
+    for private in (
+        ".env",
+        ".env.local",
+        ".git/config",
+        ".venv/bin/python",
+        "bird-data/bird.db",
+        "service/__pycache__/a.pyc",
+        "bird.egg-info/PKG-INFO",
+        "tests/unit/test_deploy.py",
+    ):
         assert dockerignore_excludes(private, rules), private
 
 

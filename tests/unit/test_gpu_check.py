@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from bird_core.train import TrainConfig
+from bird_core.train import StepFormat, TrainConfig, is_channels_last
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,6 +46,34 @@ def test_bf16_and_channels_last_default_on_for_gpus_only():
     assert TrainConfig(device="cuda").use_channels_last
     assert TrainConfig(device="cpu", bf16=True).use_bf16
     assert not TrainConfig(device="cuda", channels_last=False).use_channels_last
+
+
+def test_step_format_is_the_one_decision_of_both_training_loops():
+    """bf16 and channels-last: an explicit setting wins, else on for CUDA devices only. fit and
+    the Ray Train loop both ask TrainConfig.step_format for the device they run on."""
+    assert StepFormat.resolve(None, None, "cpu") == StepFormat(bf16=False, channels_last=False)
+    assert StepFormat.resolve(None, None, torch.device("cuda", 1)) == StepFormat(True, True)
+    assert StepFormat.resolve(True, None, "cpu") == StepFormat(bf16=True, channels_last=False)
+    assert StepFormat.resolve(None, False, "cuda:0") == StepFormat(bf16=True, channels_last=False)
+    # The device a loop runs on decides, not the config's default device.
+    assert TrainConfig().step_format("cuda:0") == StepFormat(bf16=True, channels_last=True)
+    assert TrainConfig(bf16=False).step_format("cuda:0").bf16 is False
+
+
+def test_step_format_converts_image_models_and_batches_only():
+    from bird_core.methods.base import Batch
+    from bird_core.models import create_model
+
+    on, off = StepFormat(bf16=False, channels_last=True), StepFormat(False, False)
+    model = create_model("small_cnn", 3, width=4, embed_dim=8)
+    assert not is_channels_last(off.prepare_model(model))
+    assert is_channels_last(on.prepare_model(model))
+    assert not is_channels_last(create_model("mlp", 3, in_features=5, embed_dim=8))
+    images = Batch(x=torch.randn(4, 3, 8, 8), label=torch.zeros(4), group=torch.zeros(4))
+    assert on.prepare_batch(images).x.is_contiguous(memory_format=torch.channels_last)
+    assert not images.x.is_contiguous()
+    rows = Batch(x=torch.randn(4, 5), label=torch.zeros(4), group=torch.zeros(4))
+    assert on.prepare_batch(rows).x.is_contiguous()
 
 
 def test_bird_trains_under_bf16_autocast_and_channels_last(tiny_image_data):

@@ -45,6 +45,7 @@ def test_minimal_spec_is_short_and_defaults_are_valid_options():
         ({"training": {"epochs": 0}}, "epochs"),
         ({"training": {"lr": -1}}, "lr"),
         ({"resources": {"workers": 1000}}, "workers"),
+        ({"resources": {"placement": "scatter"}}, "resources.placement"),
         ({"surprise": 1}, "surprise"),
         (
             {"search": {"space": {"temperature_x": {"kind": "uniform", "low": 0, "high": 1}}}},

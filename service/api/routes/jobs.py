@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Path, Query, Response, status
@@ -23,8 +24,14 @@ from pydantic import ValidationError
 from sqlalchemy import Connection, and_, bindparam, func, select, true
 from sqlalchemy.orm import Session
 
-from bird_datasets.format import parse_metadata
-from bird_datasets.location import DatasetURIError, external_refused, is_external_uri
+from bird_datasets.format import DatasetMeta, parse_metadata
+from bird_datasets.location import (
+    DatasetURIError,
+    external_refused,
+    is_external_uri,
+    resolve_tenant_key,
+    tenant_prefix,
+)
 from service import queue
 from service.api.deps import AppState, Caller, DbDep, StateDep
 from service.api.edges import invalid_text_at
@@ -42,7 +49,9 @@ from service.api.schemas import (
     error_responses,
     finite,
 )
+from service.compat import check_spec_against
 from service.models import Job, JobEvent, JobLog, JobState, Metric, Trial
+from service.spec import JobSpec
 from service.storage import (
     MANIFEST_NAME,
     BucketNotFoundError,
@@ -54,8 +63,9 @@ from service.storage import (
     StorageError,
     join_key,
 )
+from service.teachers import TeacherFacts, TeacherRecordError, read_teacher_facts
 
-__all__ = ["JOB_ID_MAX", "JobId", "check_dataset", "owned_job_id", "router"]
+__all__ = ["JOB_ID_MAX", "JobId", "check_dataset", "check_submission", "owned_job_id", "router"]
 
 # Every route: a key to check (401), parameters or a body to validate (422), a database to ask
 # (503).
@@ -124,9 +134,9 @@ def _non_finite(value: Any, loc: tuple[str | int, ...] = ()) -> tuple[str | int,
     return None
 
 
-def check_dataset(state: AppState, uri: str, tenant_id: int | None = None) -> None:
-    """Check that ``uri`` names a published bird dataset of tenant ``tenant_id`` (or a shared
-    one); 422 (or 503 for an outage) if not.
+def check_dataset(state: AppState, uri: str, tenant_id: int | None = None) -> DatasetMeta:
+    """The metadata of the published bird dataset ``uri`` names in the space of tenant
+    ``tenant_id`` (or a shared one); 422 (or 503 for an outage) if there is none.
 
     The dataset exists once its ``manifest.json`` does (``service.storage.publish`` writes it
     last); its metadata must describe a bird dataset. The messages name the dataset as the
@@ -164,10 +174,11 @@ def check_dataset(state: AppState, uri: str, tenant_id: int | None = None) -> No
     except (ValidationError, ValueError):
         # The parser's message would quote the file; say what is wrong without echoing it.
         raise _invalid(loc, f"dataset {uri!r} has no valid manifest", uri) from None
-    _meta, problems = parse_metadata(manifest.metadata)
-    if problems:
+    meta, problems = parse_metadata(manifest.metadata)
+    if problems or meta is None:
         details = "; ".join(message for _, message in problems[:3])
         raise _invalid(loc, f"dataset {uri!r} is not a bird dataset: {details}", uri)
+    return meta
 
 
 def dataset_missing(uri: str) -> str:
@@ -187,6 +198,69 @@ def check_teacher_uri(state: AppState, uri: str | None) -> None:
         external_refused("teacher weights URI", uri, "teachers/<name>/model.safetensors"),
         uri,
     )
+
+
+def _tenant_names(state: AppState, tenant_id: int | None, text: str) -> str:
+    """``text`` with the deployment store's URIs written as the tenant names them: its own
+    resources relative to its space, shared ones as ``shared/...`` (never where they are
+    stored)."""
+    root = state.store.uri("").rstrip("/") + "/"
+    if tenant_id is not None:
+        text = text.replace(state.store.uri(tenant_prefix(tenant_id)).rstrip("/") + "/", "")
+    return text.replace(root, "")
+
+
+def _teacher_facts(state: AppState, spec: JobSpec, tenant_id: int | None) -> TeacherFacts:
+    """What the spec's teacher says about itself (a published record is read from the store,
+    in the space of tenant ``tenant_id``); 422 naming ``teacher.weights_uri`` when the weights
+    cannot be found, 503 for an outage."""
+    teacher = spec.teacher
+    uri = teacher.weights_uri
+    loc = ("body", "teacher", "weights_uri")
+    key = uri
+    if uri is not None and not is_external_uri(uri):
+        try:
+            key = resolve_tenant_key(uri, tenant_id)
+        except InvalidKeyError as exc:
+            raise _invalid(loc, f"invalid teacher weights URI {uri!r}: {exc}", uri) from None
+    try:
+        facts = read_teacher_facts(state.store, teacher.kind, teacher.arch, key)
+    except (TeacherRecordError, ObjectNotFoundError, BucketNotFoundError, InvalidKeyError) as exc:
+        raise _invalid(loc, _tenant_names(state, tenant_id, str(exc)), uri) from None
+    except StorageError as exc:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            f"object store unavailable while reading teacher {uri!r}: {exc}",
+            headers={"Retry-After": "5"},
+        ) from None
+    if facts.uri is not None:
+        facts = replace(facts, uri=_tenant_names(state, tenant_id, facts.uri))
+    return facts
+
+
+def check_submission(state: AppState, spec: JobSpec, tenant_id: int | None = None) -> JobSpec:
+    """The spec resolved for its dataset and teacher (names in the space of tenant
+    ``tenant_id``), or a 422 listing every problem.
+
+    Reads the dataset's manifest and the teacher's published record, then
+    :func:`service.compat.check_spec_against` fills in the defaults that depend on them and
+    checks teacher, student and method against the data: nothing that can be known here
+    reaches a worker. The stored spec keeps the names as the tenant wrote them.
+    """
+    check_teacher_uri(state, spec.teacher.weights_uri)
+    meta = check_dataset(state, spec.dataset.uri, tenant_id)
+    teacher = _teacher_facts(state, spec, tenant_id)
+    checked = check_spec_against(
+        spec, meta, teacher, max_student_params=state.settings.max_student_params
+    )
+    if checked.problems:
+        raise RequestValidationError(
+            [
+                {"type": "value_error", "loc": ("body", *p.loc), "msg": p.message, "input": None}
+                for p in checked.problems
+            ]
+        )
+    return checked.spec
 
 
 @router.post(
@@ -245,31 +319,37 @@ async def submit_job(
             "UTF-8 encoding",
             None,
         )
+    # Refused by its form before anything is read or the database is asked.
     check_teacher_uri(state, spec.teacher.weights_uri)
-    spec_json = spec.model_dump(mode="json")
     max_queued = state.settings.max_queued_per_tenant
 
     def work(session: Session, caller: Caller) -> JobPublic:
+        existing = None
         if idempotency_key is not None:
             existing = session.scalars(
                 select(Job).where(
                     Job.tenant_id == caller.tenant_id, Job.idempotency_key == idempotency_key
                 )
             ).one_or_none()
-            if existing is not None:
-                if existing.spec != spec_json:
-                    raise queue.IdempotencyConflict(
-                        f"Idempotency-Key {idempotency_key!r} was already used for job "
-                        f"{existing.id} with a different spec"
-                    )
-                response.status_code = status.HTTP_200_OK
-                response.headers["Idempotent-Replayed"] = "true"
-                return JobPublic.from_job(existing)
-        # A full queue is refused before the dataset check costs a round trip to the store
-        # (submit() enforces the limit again, atomically). This also ends the read transaction,
-        # handing the connection back while the dataset is checked.
-        queue.check_queue_room(session, caller.tenant_id, max_queued)
-        check_dataset(state, spec.dataset.uri, caller.tenant_id)
+        if existing is None:
+            # A full queue is refused before the checks cost round trips to the store (submit()
+            # enforces the limit again, atomically). This also ends the read transaction,
+            # handing the connection back while the dataset and teacher are checked.
+            queue.check_queue_room(session, caller.tenant_id, max_queued)
+        else:
+            # A replay is answered even when the queue is full; end the read transaction.
+            session.rollback()
+        # The stored spec is the resolved one: what the dataset and teacher fill in included.
+        spec_json = check_submission(state, spec, caller.tenant_id).model_dump(mode="json")
+        if existing is not None:
+            if existing.spec != spec_json:
+                raise queue.IdempotencyConflict(
+                    f"Idempotency-Key {idempotency_key!r} was already used for job "
+                    f"{existing.id} with a different spec"
+                )
+            response.status_code = status.HTTP_200_OK
+            response.headers["Idempotent-Replayed"] = "true"
+            return JobPublic.from_job(existing)
         job = queue.submit(
             session,
             caller.tenant_id,

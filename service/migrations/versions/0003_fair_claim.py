@@ -1,7 +1,7 @@
 """Indexes for the fair claim and for listing a tenant's jobs newest first.
 
-Revision ID: 0002_fair_claim
-Revises: 0001_initial
+Revision ID: 0003_fair_claim
+Revises: 0002_stage_waiting_for_resources
 Create Date: 2026-01-12
 
 The claim ranks each tenant's queued jobs by priority, then age, and counts each tenant's
@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0002_fair_claim"
-down_revision: str | Sequence[str] | None = "0001_initial"
+revision: str = "0003_fair_claim"
+down_revision: str | Sequence[str] | None = "0002_stage_waiting_for_resources"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

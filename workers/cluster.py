@@ -1,0 +1,288 @@
+"""The Ray cluster jobs run on: joining it, what it has, and what a job's run needs of it.
+
+* :func:`connect_ray` joins ``BIRD_RAY_ADDRESS`` or starts the embedded local cluster, and
+  tells every Ray process of the job where its cluster's State API is. Ray Train frees the
+  placement group of a run whose controller died (a trial that Tune stopped) from a helper actor
+  that asks the State API whether the controller is alive; inside a Ray worker process that API
+  finds its cluster by scanning the machine for Ray instances, which fails ("Found multiple
+  active Ray instances") or picks the newest other cluster as soon as a second Ray runs on the
+  machine. The helper then never frees the group, and the next trial waits for ever for CPUs
+  that nothing uses. Naming the cluster in the job's runtime environment removes the guess.
+* :class:`RunDemand` is what one run of a job reserves: the training workers'
+  ``workers × (cpus_per_worker, gpus_per_worker)`` bundles, plus, in a search, the sliver of a
+  CPU that each trial's driver holds in Tune's placement group (the Ray Train controller and
+  the job's own driver task reserve nothing).
+* :func:`check_feasible` fails a job at once when the cluster can never hold one run;
+  :func:`fit_concurrency` caps a search's concurrent trials at what the cluster holds;
+  :func:`wait_for_room` waits, boundedly and cancellably, until the cluster has room now.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from service.settings import Settings
+from service.spec import JobSpec
+
+__all__ = [
+    "ClusterCapacity",
+    "NoRoom",
+    "RunDemand",
+    "check_feasible",
+    "cluster_capacity",
+    "connect_ray",
+    "fit_concurrency",
+    "head_node_resource",
+    "wait_for_room",
+]
+
+# What a Tune trial's driver function reserves (it only waits on its TorchTrainer; Tune refuses
+# a trial that reserves nothing).
+TRIAL_DRIVER_CPU = 0.01
+# Ray's resource of the head node (every cluster has exactly one); a tiny share of it pins a
+# task or actor there.
+_HEAD_NODE_RESOURCE = "node:__internal_head__"
+# Slack for float sums of fractional CPUs (3 × 0.33 must fit in 1).
+_EPSILON = 1e-6
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def connect_ray(settings: Settings) -> None:
+    """Join the Ray cluster at ``settings.ray_address``, or start the embedded local one
+    (address unset or ``local``; never a Ray that merely happens to run on the machine).
+
+    The embedded cluster serves Ray's dashboard (and with it the State API) on a free loopback
+    port, and every process of the job gets ``RAY_API_SERVER_ADDRESS`` pointing at it. A joined
+    cluster given as ``host:port`` is named to the job's processes as ``RAY_ADDRESS``. (See the
+    module docstring for why both matter; ``auto`` and ``ray://`` addresses are used as given.)
+    """
+    if ray.is_initialized():
+        return
+    # A Ray call after ray.shutdown() (a worker thread still running while the process exits)
+    # would otherwise start or join whatever Ray runs on the machine. Ray reads the switch
+    # (RAY_ENABLE_AUTO_CONNECT) once, when it is imported, hence the module attribute.
+    ray._private.auto_init_hook.enable_auto_connect = False
+    common: dict[str, Any] = {
+        "log_to_driver": settings.log_level == "debug",
+        "configure_logging": False,
+    }
+    address = settings.ray_address
+    if address in (None, "local"):
+        port = _free_port()
+        ray.init(
+            # "local": a cluster of our own; "auto" would join whatever Ray runs on the machine.
+            address="local",
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+            runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+            **common,
+        )
+        return
+    if address != "auto" and "://" not in address:
+        ray.init(address=address, runtime_env={"env_vars": {"RAY_ADDRESS": address}}, **common)
+        return
+    ray.init(address=address, **common)
+
+
+def head_node_resource() -> dict[str, float]:
+    """Resources that pin a task or actor to the head node (which lives as long as the cluster)."""
+    return {_HEAD_NODE_RESOURCE: 0.001}
+
+
+@dataclass(frozen=True)
+class RunDemand:
+    """What one run (a training, or one trial of a search) reserves on the cluster."""
+
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    driver_cpus: float = 0.0  # a search trial's driver
+
+    @classmethod
+    def of(cls, spec: JobSpec) -> RunDemand:
+        """The demand of one run of ``spec`` (one trial, for a search)."""
+        resources = spec.resources
+        return cls(
+            workers=resources.workers,
+            cpus_per_worker=resources.cpus_per_worker,
+            gpus_per_worker=resources.gpus_per_worker,
+            driver_cpus=TRIAL_DRIVER_CPU if spec.search is not None else 0.0,
+        )
+
+    @property
+    def cpus(self) -> float:
+        """CPUs of the whole run."""
+        return self.workers * self.cpus_per_worker + self.driver_cpus
+
+    @property
+    def gpus(self) -> float:
+        """GPUs of the whole run."""
+        return self.workers * self.gpus_per_worker
+
+    def describe(self) -> str:
+        """E.g. ``64 workers × 1 CPU (64 CPUs)``."""
+        per = f"{_number(self.cpus_per_worker)} CPU"
+        if self.gpus_per_worker:
+            per += f" + {_number(self.gpus_per_worker)} GPU"
+        total = f"{_number(self.cpus)} CPUs"
+        if self.gpus:
+            total += f", {_number(self.gpus)} GPUs"
+        noun = "worker" if self.workers == 1 else "workers"
+        return f"{self.workers} {noun} × {per} ({total})"
+
+
+@dataclass(frozen=True)
+class NodeResources:
+    """CPUs and GPUs of one alive node."""
+
+    cpus: float
+    gpus: float
+
+
+@dataclass(frozen=True)
+class ClusterCapacity:
+    """The alive nodes of the cluster, and what is free on the whole cluster right now."""
+
+    nodes: tuple[NodeResources, ...]
+    available_cpus: float
+    available_gpus: float
+
+    @property
+    def cpus(self) -> float:
+        """CPUs of all alive nodes."""
+        return sum(node.cpus for node in self.nodes)
+
+    @property
+    def gpus(self) -> float:
+        """GPUs of all alive nodes."""
+        return sum(node.gpus for node in self.nodes)
+
+    def describe(self) -> str:
+        """E.g. ``2 CPUs and 0 GPUs in total (1 node; at most 2 CPUs and 0 GPUs on one)``."""
+        nodes = len(self.nodes)
+        most_cpus = max((node.cpus for node in self.nodes), default=0.0)
+        most_gpus = max((node.gpus for node in self.nodes), default=0.0)
+        return (
+            f"{_number(self.cpus)} CPUs and {_number(self.gpus)} GPUs in total "
+            f"({nodes} node{'s' if nodes != 1 else ''}; at most {_number(most_cpus)} CPUs and "
+            f"{_number(most_gpus)} GPUs on one)"
+        )
+
+    def workers_that_fit(self, demand: RunDemand) -> int:
+        """How many of the demand's worker bundles the nodes hold at once (each on one node)."""
+        total = 0
+        for node in self.nodes:
+            by_cpu = math.floor((node.cpus + _EPSILON) / demand.cpus_per_worker)
+            if demand.gpus_per_worker > 0:
+                by_gpu = math.floor((node.gpus + _EPSILON) / demand.gpus_per_worker)
+                total += min(by_cpu, by_gpu)
+            else:
+                total += by_cpu
+        return total
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def cluster_capacity() -> ClusterCapacity:
+    """What the connected cluster has (alive nodes) and what it has free right now."""
+    nodes = tuple(
+        NodeResources(
+            cpus=float(node["Resources"].get("CPU", 0.0)),
+            gpus=float(node["Resources"].get("GPU", 0.0)),
+        )
+        for node in ray.nodes()
+        if node.get("Alive")
+    )
+    available = ray.available_resources()
+    return ClusterCapacity(
+        nodes=nodes,
+        available_cpus=float(available.get("CPU", 0.0)),
+        available_gpus=float(available.get("GPU", 0.0)),
+    )
+
+
+def check_feasible(demand: RunDemand, capacity: ClusterCapacity) -> str | None:
+    """Why the cluster can never hold one run of ``demand`` (None when it can)."""
+    fits = capacity.workers_that_fit(demand)
+    if (
+        fits >= demand.workers
+        and demand.cpus <= capacity.cpus + _EPSILON
+        and demand.gpus <= capacity.gpus + _EPSILON
+    ):
+        return None
+    return (
+        f"resources: {demand.describe()} can never run on this Ray cluster: it has "
+        f"{capacity.describe()}"
+    )
+
+
+def fit_concurrency(wanted: int, demand: RunDemand, capacity: ClusterCapacity) -> int:
+    """How many runs of ``demand`` to run at once: ``wanted``, at most what the cluster holds
+    side by side (at least one: a feasible run always fits alone)."""
+    by_cpu = math.floor((capacity.cpus + _EPSILON) / demand.cpus) if demand.cpus else wanted
+    by_gpu = math.floor((capacity.gpus + _EPSILON) / demand.gpus) if demand.gpus else wanted
+    by_bundles = capacity.workers_that_fit(demand) // max(demand.workers, 1)
+    return max(1, min(wanted, by_cpu, by_gpu, by_bundles))
+
+
+class NoRoom(TimeoutError):
+    """The cluster did not have room for a run within the wait bound."""
+
+
+def has_room(demand: RunDemand, capacity: ClusterCapacity) -> bool:
+    """Whether the cluster's free resources hold one run of ``demand`` right now."""
+    return (
+        demand.cpus <= capacity.available_cpus + _EPSILON
+        and demand.gpus <= capacity.available_gpus + _EPSILON
+    )
+
+
+def wait_for_room(
+    demand: RunDemand,
+    *,
+    timeout_s: float,
+    should_stop: Callable[[], bool],
+    on_wait: Callable[[ClusterCapacity], None] | None = None,
+    poll_s: float = 1.0,
+    capacity: Callable[[], ClusterCapacity] = cluster_capacity,
+) -> bool:
+    """Wait until the cluster has room for one run of ``demand``; True when it has.
+
+    Returns False as soon as ``should_stop()`` says so (a cancel, a lost lease). Calls
+    ``on_wait`` once, with what the cluster had, when it has to wait at all. Raises
+    :class:`NoRoom` after ``timeout_s`` seconds without room.
+    """
+    deadline = time.monotonic() + timeout_s
+    waited = False
+    while True:
+        if should_stop():
+            return False
+        current = capacity()
+        if has_room(demand, current):
+            return True
+        if not waited:
+            waited = True
+            if on_wait is not None:
+                on_wait(current)
+        if time.monotonic() >= deadline:
+            raise NoRoom(
+                f"waited {timeout_s:g} s for room for {demand.describe()}: the Ray cluster "
+                f"had {_number(current.available_cpus)} CPUs and "
+                f"{_number(current.available_gpus)} GPUs free of {current.describe()}"
+            )
+        time.sleep(poll_s)
