@@ -155,7 +155,7 @@ def test_cancel_while_precomputing_a_corrupt_cache_again(
     again (self-healing) in a Ray task; a cancel meanwhile kills that task and frees its lock."""
     api = live_api_local
     store = api.store
-    copy_dataset_and_features(fm_features, store)
+    copy_dataset_and_features(fm_features, store, E2E_DATASET)
     shard = fm_features.features.shards[0]
     data = bytearray(store.get_bytes(shard))
     data[len(data) // 2] ^= 0xFF
