@@ -187,7 +187,7 @@ def test_features_go_to_the_cache_store_keyed_by_content_never_into_the_dataset(
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher ran although features of this content were cached")
 
-    monkeypatch.setattr(features_module, "_compute_and_publish", no_teacher)
+    monkeypatch.setattr(features_module, "compute_features", no_teacher)
     second = precompute_features(
         elsewhere,
         "tenants/9/datasets/fm",
