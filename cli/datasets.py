@@ -16,6 +16,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from cli.common import fail, open_dataset_uri, split_csv
+from cli.jobs import DEFAULT_URL, JsonOption, KeyOption, UrlOption, _call, _client
 
 if TYPE_CHECKING:
     from bird_datasets.converters import Converter, ConverterOption
@@ -23,7 +24,8 @@ if TYPE_CHECKING:
 __all__ = ["datasets_app"]
 
 datasets_app = typer.Typer(
-    help="Prepare, validate and describe datasets in the bird format (Parquet + manifest).",
+    help="Prepare, validate and describe datasets in the bird format (Parquet + manifest); "
+    "push, list and delete your datasets on a bird API server.",
     no_args_is_help=True,
 )
 
@@ -211,6 +213,73 @@ def datasets_describe(
     except StorageError as exc:
         fail(str(exc), 1)
     typer.echo(json.dumps(description, indent=2) if as_json else render_description(description))
+
+
+# --------------------------------------------------------------------------------------------
+# push, list, delete: the caller's datasets on a bird API server
+# --------------------------------------------------------------------------------------------
+
+
+@datasets_app.command("push")
+def datasets_push(
+    directory: Annotated[
+        str, typer.Argument(help="A local dataset directory (bird datasets prepare --out DIR).")
+    ],
+    name: Annotated[
+        str, typer.Option(help="The dataset's name on the server: jobs name it datasets/NAME.")
+    ],
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = None,
+    max_images: Annotated[
+        int, typer.Option(help="Images decoded per split when checking it first.", min=0)
+    ] = 2000,
+) -> None:
+    """Upload a dataset into your space on the server (checked locally first); jobs then name
+    it datasets/NAME."""
+    from pathlib import Path
+
+    from bird_datasets.validation import validate_dataset
+    from service.storage import LocalStore, StorageError
+
+    root = Path(directory)
+    if not (root / "manifest.json").is_file():
+        fail(f"{directory}: not a dataset directory (no manifest.json)", 2)
+    try:
+        report = validate_dataset(LocalStore(root), "", max_images_per_split=max_images)
+    except StorageError as exc:
+        fail(f"{directory}: {exc}", 1)
+    if not report.ok:
+        typer.echo(report.summary(), err=True)
+        fail(f"{directory} is not a valid bird dataset; nothing was uploaded", 1)
+    with _client(url, key) as client:
+        row = _call(lambda: client.push_dataset(root, name))
+    typer.echo(f"pushed {directory} as {row['uri']}: {row['files']} file(s), {row['size']} bytes")
+
+
+@datasets_app.command("list")
+def datasets_list(
+    url: UrlOption = DEFAULT_URL, key: KeyOption = None, as_json: JsonOption = False
+) -> None:
+    """Your datasets on the server, then the shared ones."""
+    with _client(url, key) as client:
+        rows = _call(client.list_datasets)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        typer.echo(f"{row['uri']:<40} {row['files']:>5} files {row['size']:>12} bytes")
+
+
+@datasets_app.command("delete")
+def datasets_delete(
+    name: Annotated[str, typer.Argument(help="The dataset's name (datasets/NAME).")],
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = None,
+) -> None:
+    """Delete one of your datasets on the server."""
+    with _client(url, key) as client:
+        _call(lambda: client.delete_dataset(name))
+    typer.echo(f"deleted datasets/{name}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ from cli.common import fail, load_settings, split_csv
 
 __all__ = ["demo"]
 
-DEMO_DATASET = "datasets/fashion-mnist-s"
+# Written straight into the store, as an operator publishes: shared, readable by every tenant.
+DEMO_DATASET = "shared/datasets/fashion-mnist-s"
 DEMO_COLUMNS = ("auroc", "f1", "accuracy", "delta_mean_deo", "delta_max_deo")
 # Enough rows that the first epoch already trains the student (with 4,000 it stayed near
 # chance, and the fairness-aware choice of the best epoch took that near-chance, "fair"

@@ -8,11 +8,13 @@ from typing import Annotated
 import typer
 
 from cli.common import fail, open_dataset_uri
+from cli.jobs import DEFAULT_URL, JsonOption, KeyOption, UrlOption, _call, _client
 
 __all__ = ["teachers_app"]
 
 teachers_app = typer.Typer(
-    help="Teachers: train one with bird on a dataset and publish it to the object store.",
+    help="Teachers: train one on a dataset and publish it; push, list and delete your teachers "
+    "on a bird API server.",
     no_args_is_help=True,
 )
 
@@ -113,3 +115,53 @@ def teachers_train(
         "use it in a job spec as: "
         + json.dumps({"kind": "model", "arch": arch, "weights_uri": weights_uri})
     )
+
+
+@teachers_app.command("push")
+def teachers_push(
+    directory: Annotated[
+        str, typer.Argument(help="A teacher directory (bird teachers train --out DIR).")
+    ],
+    name: Annotated[
+        str, typer.Option(help="The teacher's name on the server: jobs name it teachers/NAME.")
+    ],
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = None,
+) -> None:
+    """Upload a teacher into your space on the server; jobs then name it
+    {"kind": "model", "weights_uri": "teachers/NAME"}."""
+    from pathlib import Path
+
+    root = Path(directory)
+    for needed in ("manifest.json", "teacher.json"):
+        if not (root / needed).is_file():
+            fail(f"{directory}: not a teacher directory (no {needed})", 2)
+    with _client(url, key) as client:
+        row = _call(lambda: client.push_teacher(root, name))
+    typer.echo(f"pushed {directory} as {row['uri']}: {row['files']} file(s), {row['size']} bytes")
+
+
+@teachers_app.command("list")
+def teachers_list(
+    url: UrlOption = DEFAULT_URL, key: KeyOption = None, as_json: JsonOption = False
+) -> None:
+    """Your teachers on the server, then the shared ones."""
+    with _client(url, key) as client:
+        rows = _call(client.list_teachers)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        typer.echo(f"{row['uri']:<40} {row['files']:>5} files {row['size']:>12} bytes")
+
+
+@teachers_app.command("delete")
+def teachers_delete(
+    name: Annotated[str, typer.Argument(help="The teacher's name (teachers/NAME).")],
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = None,
+) -> None:
+    """Delete one of your teachers on the server."""
+    with _client(url, key) as client:
+        _call(lambda: client.delete_teacher(name))
+    typer.echo(f"deleted teachers/{name}")

@@ -27,7 +27,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import httpx
 
@@ -198,6 +198,81 @@ class BirdClient:
     def checkpoints(self, job_id: int) -> list[dict]:
         """The job's checkpoints: name, uri, size, sha256, created_at and a download url."""
         return self._json("GET", f"/jobs/{int(job_id)}/checkpoints")
+
+    # -- datasets -------------------------------------------------------------------------------
+
+    def list_datasets(self) -> list[dict]:
+        """The caller's datasets, then the shared ones."""
+        return self._json("GET", "/datasets")["items"]
+
+    def describe_dataset(self, name: str) -> dict:
+        """Counts per split × class × group of the caller's dataset ``name`` (and ``table``)."""
+        return self._json("GET", f"/datasets/{quote(name, safe='')}")
+
+    def delete_dataset(self, name: str) -> None:
+        """Delete the caller's dataset ``name``."""
+        self._request("DELETE", f"/datasets/{quote(name, safe='')}")
+
+    def push_dataset(self, directory: Path | str, name: str) -> dict:
+        """Upload the dataset directory ``directory`` (a published bird dataset: Parquet parts
+        and ``manifest.json``) as the caller's dataset ``name``; return its listing row.
+
+        Registers the upload (``POST /datasets``), then PUTs every file to its URL, the
+        manifest last, so the dataset never exists half uploaded. The bearer key goes only to
+        the API itself, never to a presigned URL.
+        """
+        return self._push("datasets", directory, name)
+
+    def list_teachers(self) -> list[dict]:
+        """The caller's teachers, then the shared ones."""
+        return self._json("GET", "/teachers")["items"]
+
+    def get_teacher(self, name: str) -> dict:
+        """The caller's teacher ``name``: files, size, metadata."""
+        return self._json("GET", f"/teachers/{quote(name, safe='')}")
+
+    def delete_teacher(self, name: str) -> None:
+        """Delete the caller's teacher ``name``."""
+        self._request("DELETE", f"/teachers/{quote(name, safe='')}")
+
+    def push_teacher(self, directory: Path | str, name: str) -> dict:
+        """Upload a teacher directory (what ``bird teachers train --out`` writes) as the
+        caller's teacher ``name``, like :meth:`push_dataset`; jobs then name it
+        ``teachers/<name>``."""
+        return self._push("teachers", directory, name)
+
+    def _push(self, kind: str, directory: Path | str, name: str) -> dict:
+        root = Path(directory)
+        files = sorted(
+            path.relative_to(root).as_posix()
+            for path in root.rglob("*")
+            if path.is_file() and not path.name.startswith(".")
+        )
+        body = {
+            "name": name,
+            "files": [{"path": rel, "size": (root / rel).stat().st_size} for rel in files],
+        }
+        upload = self._json("POST", f"/{kind}", json=body)
+        for item in upload["uploads"]:
+            url = urljoin(self.base_url + "/", item["url"])
+            # Streamed from the file, with its Content-Length (S3 refuses chunked uploads).
+            with (root / item["path"]).open("rb") as handle:
+                request = self._http.build_request(item["method"], url, content=handle)
+                if not _same_origin(url, self.base_url):
+                    request.headers.pop("Authorization", None)
+                response = self._send(request, f"upload {item['path']}")
+                response.read()
+            if response.status_code >= 400 and _same_origin(url, self.base_url):
+                self._check(response)
+            elif response.status_code >= 400:
+                raise BirdAPIError(
+                    response.status_code,
+                    f"the object store refused {item['path']} (HTTP {response.status_code})",
+                )
+        for row in self._json("GET", f"/{kind}")["items"]:
+            if row["uri"] == upload["uri"]:
+                return row
+        raise BirdAPIError(404, f"{kind.removesuffix('s')} {name!r} is not listed after its upload")
 
     # -- downloads ------------------------------------------------------------------------------
 

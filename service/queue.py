@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -43,15 +44,20 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Engine,
+    Integer,
     Interval,
     Update,
+    any_,
+    cast,
     func,
     insert,
     literal,
     select,
+    true,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -64,22 +70,26 @@ from service.models import (
     JobStage,
     JobState,
     Metric,
+    Tenant,
     Trial,
     UTCDateTime,
     utcnow,
 )
 
 __all__ = [
+    "JOB_ID_MAX",
     "LOG_LEVELS",
     "TRANSITIONS",
     "IdempotencyConflict",
     "IllegalTransition",
     "JobNotFound",
     "LeaseLost",
+    "QueueFull",
     "StaleAttempt",
     "add_checkpoint",
     "append_log",
     "cancel",
+    "check_queue_room",
     "claim",
     "fail",
     "finish",
@@ -120,6 +130,16 @@ TRANSITIONS: Mapping[str, Mapping[JobState, JobState]] = {
 }
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# Job ids are drawn at random from 1 ... JOB_ID_MAX (the 32-bit id column's range), so an id
+# says nothing about how many jobs other tenants submitted. A draw that hits an existing id
+# (at a million stored jobs, one draw in 2,000) is drawn again.
+JOB_ID_MAX = 2**31 - 1
+_ID_DRAWS = 8
+# How many of each tenant's queued jobs a claim on PostgreSQL ranks (see _fair_queue): enough
+# for that many claimers at once to pass over each other's locked rows. More claimers than
+# that racing for one tenant's jobs may find nothing and poll again.
+_CLAIM_DEPTH = 32
 
 # Optimistic compare-and-set retries: each retry means another transition won a race for the
 # same job, and a job has only a handful of states, so a few rounds always settle it.
@@ -177,6 +197,18 @@ class StaleAttempt(RuntimeError):
 
 class IdempotencyConflict(ValueError):
     """An idempotency key was reused for a different job spec."""
+
+
+class QueueFull(RuntimeError):
+    """The tenant already has as many queued jobs as it may have."""
+
+    def __init__(self, tenant_id: int, limit: int) -> None:
+        super().__init__(
+            f"too many queued jobs: this tenant already has {limit} queued (the limit); "
+            "submit again when some have started or been cancelled"
+        )
+        self.tenant_id = tenant_id
+        self.limit = limit
 
 
 def target_state(transition: str, state: JobState, job_id: int | None = None) -> JobState:
@@ -411,6 +443,30 @@ def _idempotent_match(
     return job
 
 
+def _queued_jobs(session: Session, tenant_id: int) -> int:
+    return session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.tenant_id == tenant_id, Job.state == JobState.QUEUED)
+    )
+
+
+def check_queue_room(session: Session, tenant_id: int, max_queued: int) -> None:
+    """Raise :class:`QueueFull` if the tenant already has ``max_queued`` queued jobs.
+
+    A cheap early answer for the API, before it spends time checking the spec's dataset;
+    :func:`submit` enforces the limit again, atomically.
+    """
+    with _transaction(session):
+        if _queued_jobs(session, tenant_id) >= max_queued:
+            raise QueueFull(tenant_id, max_queued)
+
+
+def _id_taken(session: Session, job_id: int) -> bool:
+    with _transaction(session):
+        return session.scalar(select(Job.id).where(Job.id == job_id)) is not None
+
+
 def submit(
     session: Session,
     tenant_id: int,
@@ -419,53 +475,77 @@ def submit(
     priority: int = 0,
     max_attempts: int = 3,
     idempotency_key: str | None = None,
+    max_queued: int | None = None,
 ) -> Job:
     """Queue a new job for ``tenant_id``; return it.
 
-    With an ``idempotency_key``, a second submit by the same tenant returns the job created by
-    the first (also when both race); reusing the key for a different spec raises
+    The job's id is drawn at random (see :data:`JOB_ID_MAX`). With ``max_queued``, a tenant that
+    already has that many queued jobs gets :class:`QueueFull` and nothing is stored; concurrent
+    submits of one tenant cannot both take the last place. With an ``idempotency_key``, a second
+    submit by the same tenant returns the job created by the first (also when both race, and
+    also when the queue is full meanwhile); reusing the key for a different spec raises
     :class:`IdempotencyConflict`.
     """
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
+    if max_queued is not None and max_queued < 1:
+        raise ValueError(f"max_queued must be at least 1, got {max_queued}")
     spec_json = _spec_json(spec)
     if idempotency_key is not None:
         with _transaction(session):
             existing = _idempotent_match(session, tenant_id, idempotency_key, spec_json)
         if existing is not None:
             return existing
-    try:
-        with _transaction(session):
-            now = _now(session)
-            job = session.scalars(
-                insert(Job)
-                .values(
-                    tenant_id=tenant_id,
-                    spec=spec_json,
-                    state=JobState.QUEUED,
-                    priority=priority,
-                    max_attempts=max_attempts,
-                    attempts=0,
-                    progress=0.0,
-                    cancel_requested=False,
-                    idempotency_key=idempotency_key,
-                    created_at=now,
-                    updated_at=now,
-                )
-                .returning(Job)
-            ).one()
-            _event(session, job.id, "submit", None, JobState.QUEUED, message="submitted")
-            return job
-    except IntegrityError:
-        # Another submit with the same key committed first: return its job. Any other
-        # integrity error (an unknown tenant) finds nothing here and is raised as it was.
-        if idempotency_key is None:
-            raise
-        with _transaction(session):
-            existing = _idempotent_match(session, tenant_id, idempotency_key, spec_json)
-        if existing is None:
-            raise
-        return existing
+    for _ in range(_ID_DRAWS):
+        job_id = secrets.randbelow(JOB_ID_MAX) + 1
+        try:
+            with _transaction(session):
+                if max_queued is not None and _dialect(session) == "postgresql":
+                    # Submits of one tenant take turns from here to their commit: each counts
+                    # the queued jobs the others committed. (FOR NO KEY UPDATE does not block
+                    # the foreign-key checks that other inserts make on the tenant's row.)
+                    session.execute(
+                        select(Tenant.id)
+                        .where(Tenant.id == tenant_id)
+                        .with_for_update(key_share=True)
+                    )
+                now = _now(session)
+                job = session.scalars(
+                    insert(Job)
+                    .values(
+                        id=job_id,
+                        tenant_id=tenant_id,
+                        spec=spec_json,
+                        state=JobState.QUEUED,
+                        priority=priority,
+                        max_attempts=max_attempts,
+                        attempts=0,
+                        progress=0.0,
+                        cancel_requested=False,
+                        idempotency_key=idempotency_key,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                    .returning(Job)
+                ).one()
+                # Counted after the insert, which on SQLite holds the database's write lock
+                # until the commit: no other submit can slip in between.
+                if max_queued is not None and _queued_jobs(session, tenant_id) > max_queued:
+                    raise QueueFull(tenant_id, max_queued)
+                _event(session, job.id, "submit", None, JobState.QUEUED, message="submitted")
+                return job
+        except IntegrityError:
+            # Another submit with the same key committed first: return its job. An id that
+            # another job drew first: draw again. Any other integrity error (an unknown
+            # tenant) is raised as it was.
+            if idempotency_key is not None:
+                with _transaction(session):
+                    existing = _idempotent_match(session, tenant_id, idempotency_key, spec_json)
+                if existing is not None:
+                    return existing
+            if not _id_taken(session, job_id):
+                raise
+    raise RuntimeError(f"no free job id in {_ID_DRAWS} random draws")
 
 
 def cancel(session: Session, job_id: int, tenant_id: int) -> Job:
@@ -500,7 +580,71 @@ def cancel(session: Session, job_id: int, tenant_id: int) -> Job:
 # --- the worker side --------------------------------------------------------------------------
 
 
-def _claim_statement(session: Session, worker_id: str, lease_s: float) -> Update:
+def _fair_queue(dialect: str) -> Any:
+    """The queued jobs in the order a fair claim takes them, as a subquery (id, turn, created_at).
+
+    A tenant's queued jobs are ranked by their ``priority`` (highest first), then age: priority
+    orders a tenant's own jobs, never one tenant's against another's. A job's ``turn`` is its
+    tenant's active jobs (running or cancelling: they hold a worker) plus its rank, that is how
+    many jobs its tenant would hold once it runs. The claim takes the lowest turn, then the
+    oldest job: the tenant with the fewest running jobs goes first, and tenants with equal
+    shares take turns in the order their jobs were submitted. A claimer that skips a job being
+    claimed by another finds the next one in the same order. (A per-tenant limit on running
+    jobs is a bound on the turn: see :func:`claim`.)
+
+    The lowest turn is always some tenant's first job, so on PostgreSQL, where claims run
+    concurrently, only each tenant's first :data:`_CLAIM_DEPTH` queued jobs are ranked (one
+    index probe per tenant, ``LATERAL``) rather than the whole queue; the jobs after them would
+    only matter to a claimer that found that many of one tenant's jobs locked by others. SQLite
+    (one writer, the embedded default) ranks every queued job.
+    """
+    active = (
+        select(Job.tenant_id, func.count().label("jobs"))
+        .where(Job.state.in_(ACTIVE_STATES))
+        .group_by(Job.tenant_id)
+        .subquery("active")
+    )
+    if dialect == "postgresql":
+        first = (
+            select(Job.id, Job.priority, Job.created_at)
+            .where(Job.tenant_id == Tenant.id, Job.state == JobState.QUEUED)
+            .order_by(Job.priority.desc(), Job.created_at, Job.id)
+            .limit(_CLAIM_DEPTH)
+            .lateral("first")
+        )
+        rank = func.row_number().over(
+            partition_by=Tenant.id,
+            order_by=(first.c.priority.desc(), first.c.created_at, first.c.id),
+        )
+        return (
+            select(
+                first.c.id,
+                first.c.created_at,
+                (func.coalesce(active.c.jobs, 0) + rank).label("turn"),
+            )
+            .select_from(Tenant)
+            .join(first, true())
+            .outerjoin(active, active.c.tenant_id == Tenant.id)
+            .subquery("ranked")
+        )
+    rank = func.row_number().over(
+        partition_by=Job.tenant_id, order_by=(Job.priority.desc(), Job.created_at, Job.id)
+    )
+    return (
+        select(
+            Job.id,
+            Job.created_at,
+            (func.coalesce(active.c.jobs, 0) + rank).label("turn"),
+        )
+        .outerjoin(active, active.c.tenant_id == Job.tenant_id)
+        .where(Job.state == JobState.QUEUED)
+        .subquery("ranked")
+    )
+
+
+def _claim_statement(
+    session: Session, worker_id: str, lease_s: float, max_running: int | None
+) -> Update:
     now = _now(session)
     values = {
         "state": JobState.RUNNING,
@@ -511,15 +655,28 @@ def _claim_statement(session: Session, worker_id: str, lease_s: float) -> Update
         "updated_at": now,
         "stage": None,
     }
-    order = (Job.priority.desc(), Job.created_at, Job.id)
+    fair = _fair_queue(_dialect(session))
+    order = (fair.c.turn, fair.c.created_at, fair.c.id)
+    allowed = [fair.c.turn <= max_running] if max_running is not None else []
     if _dialect(session) == "postgresql":
-        # A CTE with FOR UPDATE is evaluated exactly once (a plain ``id = (subquery)`` may be
-        # re-run by the planner), and SKIP LOCKED lets concurrent claimers pass over the row
-        # another claimer is taking instead of queueing behind its lock.
+        # The candidates, best first, as one array computed once. The locking query then reads
+        # the jobs table alone, by primary key: PostgreSQL locks no rows of a query with window
+        # functions, and a claimer that meets a row another claimer changed re-checks it
+        # against that query only. SKIP LOCKED passes over a row another claimer is taking
+        # instead of queueing behind its lock; the CTE with FOR UPDATE runs exactly once.
+        ranked = (
+            select(
+                func.array_agg(aggregate_order_by(fair.c.id, *order)).label("ids"),
+            )
+            .where(*allowed)
+            .cte("ranked")
+        )
+        # An array value, not a subquery's rows: ``id = ANY (array)`` probes the primary key.
+        candidates = cast(select(ranked.c.ids).scalar_subquery(), postgresql.ARRAY(Integer))
         next_job = (
             select(Job.id)
-            .where(Job.state == JobState.QUEUED)
-            .order_by(*order)
+            .where(Job.id == any_(candidates), Job.state == JobState.QUEUED)
+            .order_by(func.array_position(candidates, Job.id))
             .limit(1)
             .with_for_update(skip_locked=True)
             .cte("next")
@@ -531,30 +688,36 @@ def _claim_statement(session: Session, worker_id: str, lease_s: float) -> Update
         )
     # SQLite has one writer at a time: the UPDATE takes the write lock before it evaluates the
     # subquery, so two claimers can never pick the same row; the state check is belt and braces.
-    next_id = (
-        select(Job.id)
-        .where(Job.state == JobState.QUEUED)
-        .order_by(*order)
-        .limit(1)
-        .scalar_subquery()
-    )
+    next_id = select(fair.c.id).where(*allowed).order_by(*order).limit(1).scalar_subquery()
     return update(Job).where(Job.id == next_id, Job.state == JobState.QUEUED).values(**values)
 
 
-def claim(session_or_engine: Session | Engine, worker_id: str, lease_s: float) -> Job | None:
-    """Claim the next queued job (highest priority, then oldest) for ``worker_id``.
+def claim(
+    session_or_engine: Session | Engine,
+    worker_id: str,
+    lease_s: float,
+    *,
+    max_running_per_tenant: int | None = None,
+) -> Job | None:
+    """Claim the next queued job for ``worker_id``, fairly across tenants.
 
-    One UPDATE statement picks and takes the job, so a job is claimed exactly once however many
-    workers claim concurrently. The job becomes ``running`` with a lease of ``lease_s`` seconds
-    and ``attempts`` + 1. Returns None when nothing is queued. Given an engine, a short-lived
-    session is used and the returned job is detached (all its attributes loaded).
+    The tenant with the fewest running jobs goes first, then the oldest job; a tenant's own
+    jobs go by ``priority``, then age (see :func:`_fair_queue`). With
+    ``max_running_per_tenant``, a tenant that already runs that many jobs gets none until one
+    ends. One UPDATE statement picks and takes the job, so a job is claimed exactly once however
+    many workers claim concurrently. The job becomes ``running`` with a lease of ``lease_s``
+    seconds and ``attempts`` + 1. Returns None when nothing can be claimed. Given an engine, a
+    short-lived session is used and the returned job is detached (all its attributes loaded).
     """
+    if max_running_per_tenant is not None and max_running_per_tenant < 1:
+        raise ValueError(f"max_running_per_tenant must be at least 1, got {max_running_per_tenant}")
     if isinstance(session_or_engine, Engine):
         with Session(session_or_engine, expire_on_commit=False) as session:
-            return claim(session, worker_id, lease_s)
+            return claim(session, worker_id, lease_s, max_running_per_tenant=max_running_per_tenant)
     session = session_or_engine
+    statement = _claim_statement(session, worker_id, lease_s, max_running_per_tenant)
     with _transaction(session):
-        job = _returning_jobs(session, _claim_statement(session, worker_id, lease_s))
+        job = _returning_jobs(session, statement)
         if job is not None:
             _event(
                 session,

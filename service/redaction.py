@@ -73,6 +73,12 @@ class Redactor:
             tuple(sorted({p for p in pairs if p[0]}, key=lambda p: -len(p[0]))), tuple(roots)
         )
 
+    def stripping(self, *prefixes: str) -> Redactor:
+        """This redactor, also removing ``prefixes`` (e.g. a tenant's own space, so that its
+        names read as the tenant writes them in a spec)."""
+        pairs = {*self.replacements, *((p, "") for p in prefixes if p)}
+        return Redactor(tuple(sorted(pairs, key=lambda p: -len(p[0]))), self.code_roots)
+
     def _path(self, match: re.Match[str]) -> str:
         path = match.group(0)
         for marker in _SITE_PACKAGES:
@@ -97,8 +103,12 @@ class Redactor:
 
 def _replace_token(text: str, literal: str, placeholder: str) -> str:
     """Replace ``literal`` where it stands as a whole name (not inside a longer word)."""
-    if literal[0].isalnum() or literal[-1].isalnum():
-        pattern = rf"(?<![\w-]){re.escape(literal)}(?![\w-])"
+    # A boundary is checked only at an end that is part of a name: a literal ending in "/"
+    # (a store's root) replaces the start of the longer key that follows it.
+    before = r"(?<![\w-])" if literal[0].isalnum() else ""
+    after = r"(?![\w-])" if literal[-1].isalnum() else ""
+    if before or after:
+        pattern = before + re.escape(literal) + after
         return re.sub(pattern, lambda _m: placeholder, text)
     return text.replace(literal, placeholder)
 

@@ -53,6 +53,37 @@ class Settings(BaseSettings):
     api_port: int = Field(default=8000, ge=1, le=65535, description="Port the API binds to.")
     lease_s: int = Field(default=60, ge=5, description="Job lease length; heartbeats renew it.")
     heartbeat_s: int = Field(default=10, ge=1, description="Seconds between worker heartbeats.")
+    max_body_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        description="Largest request body the API reads; a larger one is refused with 413.",
+    )
+    max_queued_per_tenant: int = Field(
+        default=100,
+        ge=1,
+        description="Queued jobs a tenant may have at once; a submit beyond it is refused with "
+        "429 and Retry-After.",
+    )
+    max_running_per_tenant: int | None = Field(
+        default=None,
+        ge=1,
+        description="Running jobs a tenant may have at once; the claim leaves the tenant's "
+        "other jobs queued. None: no limit (fair sharing still applies).",
+    )
+    max_upload_bytes: int = Field(
+        default=4 * 1024**3,
+        ge=1024,
+        le=5 * 1024**4,
+        description="Largest file one dataset upload may declare (POST /datasets); with a "
+        "local store also the largest body PUT to the API's upload route.",
+    )
+    allow_external_uris: bool = Field(
+        default=False,
+        description="Let job specs name data outside the tenant's space: absolute paths, "
+        "file:// and s3:// URIs (any bucket the deployment's credentials reach). Only for a "
+        "single-user install: with it, every tenant reads whatever the deployment can.",
+    )
     resource_wait_s: int = Field(
         default=600,
         ge=0,

@@ -299,7 +299,15 @@ class JobSpec(_Strict):
     search: SearchSpec | None = None
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
-    priority: Annotated[int, Field(ge=-100, le=100)] = 0
+    priority: Annotated[
+        int,
+        Field(
+            ge=-100,
+            le=100,
+            description="Orders the tenant's own queued jobs (highest first); never one "
+            "tenant's jobs against another's: across tenants the claim is fair.",
+        ),
+    ] = 0
     max_attempts: Annotated[int, Field(ge=1, le=10)] = 3
 
     @model_validator(mode="after")

@@ -896,6 +896,16 @@ class S3Store(ObjectStore):
                 "get_object", Params={"Bucket": self.bucket, "Key": full}, ExpiresIn=expires_s
             )
 
+    def presigned_put_url(self, key: str, expires_s: int = 900) -> str:
+        """A SigV4-presigned PutObject URL for ``key`` alone, valid for ``expires_s`` seconds:
+        whoever holds it can write that one object and nothing else."""
+        full = self._full_key(key)
+        _check_expiry(expires_s)
+        with self._errors(self.uri(key)):
+            return self.client.generate_presigned_url(
+                "put_object", Params={"Bucket": self.bucket, "Key": full}, ExpiresIn=expires_s
+            )
+
     def uri(self, key: str = "") -> str:
         """``s3://bucket/prefix/key`` (``""``: ``s3://bucket/prefix``)."""
         if key == "":

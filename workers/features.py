@@ -309,8 +309,14 @@ def precompute_features(
     on_progress: Callable[[str], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     compute: Callable[..., FeatureSet] | None = None,
+    cache_store: ObjectStore | None = None,
 ) -> FeatureSet:
     """Features of ``teacher`` for every row of the dataset: reused if published, else computed.
+
+    The dataset is read from ``store`` at ``dataset_prefix``; the features are published under
+    ``features/<key>`` of ``cache_store`` (default: ``store``) — jobs pass the deployment's
+    store, so derived data never lands inside a dataset's location, and the key (a hash of the
+    dataset's content and the teacher) lets every job with the same inputs reuse it.
 
     Returns the published :class:`FeatureSet`. A cached set whose shard is missing or fails its
     checksum raises :class:`FeatureError` naming the shard's URI, or, with
@@ -318,10 +324,12 @@ def precompute_features(
     second corrupt set raises. ``should_stop`` is asked while waiting for another run's
     precompute (True: raise :class:`~workers.errors.JobCancelled`). ``compute``, when given,
     runs the computation instead of this process (it receives the arguments of
-    :func:`compute_features` after the store; the job pipeline runs it as a Ray task it can
-    kill).
+    :func:`compute_features` after the two stores; the job pipeline runs it as a Ray task it
+    can kill).
     """
-    dataset_sha, dataset_manifest = dataset_fingerprint(store, dataset_prefix)
+    data_store = store
+    store = cache_store if cache_store is not None else data_store
+    dataset_sha, dataset_manifest = dataset_fingerprint(data_store, dataset_prefix)
     key = feature_key(
         teacher,
         dataset_sha,
@@ -367,7 +375,7 @@ def precompute_features(
         if existing is not None:
             return existing
         if compute is None:
-            compute = functools.partial(compute_features, store)
+            compute = functools.partial(compute_features, store, data_store)
         return compute(
             dataset_prefix,
             dataset_manifest,
@@ -389,16 +397,22 @@ def precompute_features(
         lock.release()
 
 
-def compute_features_at(store_url: str, settings: Any, *args: Any, **kwargs: Any) -> FeatureSet:
-    """:func:`compute_features` on the store at ``store_url`` (for a Ray task: a store object
-    does not travel, its URL does)."""
+def compute_features_at(
+    store_url: str, data_store_url: str, settings: Any, *args: Any, **kwargs: Any
+) -> FeatureSet:
+    """:func:`compute_features` publishing to the store at ``store_url`` from the dataset in
+    the store at ``data_store_url`` (for a Ray task: a store object does not travel, its URL
+    does)."""
     from service.storage import open_store
 
-    return compute_features(open_store(store_url, settings), *args, **kwargs)
+    cache = open_store(store_url, settings)
+    data = cache if data_store_url == store_url else open_store(data_store_url, settings)
+    return compute_features(cache, data, *args, **kwargs)
 
 
 def compute_features(
     store: ObjectStore,
+    data_store: ObjectStore,
     dataset_prefix: str,
     dataset_manifest: Manifest,
     teacher: TeacherSource,
@@ -423,7 +437,7 @@ def compute_features(
     dataset_meta, _ = parse_metadata(dataset_manifest.metadata)
     # Decoded with the channels the dataset declares, as everywhere (bird_datasets.codec).
     image_shape = dataset_meta.image_shape if dataset_meta is not None else None
-    ds = _read_dataset(store, dataset_prefix, dataset_manifest)
+    ds = _read_dataset(data_store, dataset_prefix, dataset_manifest)
     ds = ds.map_batches(
         decode_stage,
         fn_kwargs={"image_shape": image_shape},
@@ -456,7 +470,6 @@ def compute_features(
         "run": run_id,
         "teacher": teacher.identity(),
         "dataset_sha256": dataset_sha,
-        "dataset_prefix": dataset_prefix,
         "preprocessing": dataset_preprocessing,
     }
     probe_state: dict[str, np.ndarray] | None = None

@@ -39,7 +39,12 @@ from typing import Any
 from bird_core.checkpoint import CheckpointError, load_student
 from bird_core.train import evaluate
 from bird_datasets.format import DatasetError
-from bird_datasets.location import resolve_dataset_uri
+from bird_datasets.location import (
+    external_refused,
+    is_external_uri,
+    resolve_dataset_uri,
+    resolve_tenant_key,
+)
 from bird_datasets.reader import read_dataset_meta
 from service.compat import resolve_spec
 from service.models import JobStage
@@ -48,6 +53,7 @@ from service.spec import JobSpec
 from service.storage import (
     BucketNotFoundError,
     ChecksumMismatchError,
+    InvalidKeyError,
     ObjectNotFoundError,
     ObjectStore,
     join_key,
@@ -97,6 +103,25 @@ class JobResult:
 def job_prefix(job_id: int) -> str:
     """Where a job's artifacts live in the deployment's store."""
     return f"jobs/{job_id}"
+
+
+def _tenant_teacher(spec: JobSpec, settings: Settings, tenant_id: int | None) -> Any:
+    """The spec's teacher with ``weights_uri`` made a key of the tenant's space (or refused
+    by its form, as the API does, unless ``settings.allow_external_uris``)."""
+    uri = spec.teacher.weights_uri
+    if uri is None:
+        return spec.teacher
+    if is_external_uri(uri):
+        if settings.allow_external_uris:
+            return spec.teacher
+        raise TeacherLoadError(
+            external_refused("teacher weights URI", uri, "teachers/<name>/model.safetensors")
+        )
+    try:
+        key = resolve_tenant_key(uri, tenant_id)
+    except InvalidKeyError as error:
+        raise TeacherLoadError(f"invalid teacher weights URI {uri!r}: {error}") from error
+    return spec.teacher.model_copy(update={"weights_uri": key})
 
 
 @contextmanager
@@ -174,9 +199,13 @@ def run_job(
     store: ObjectStore,
     control: JobControl,
     log: Callable[[str, str], None] = lambda level, message: None,
+    tenant_id: int | None = None,
 ) -> JobResult:
-    """Run job ``job_id`` to the end (or to a cancellation); see the module docstring.
+    """Run job ``job_id`` of tenant ``tenant_id`` to the end (or to a cancellation); see the
+    module docstring.
 
+    The spec's dataset and teacher are names in the tenant's space
+    (:mod:`bird_datasets.location`); ``tenant_id`` None reads them from the store's root.
     ``log(level, message)`` writes to the job's log.
     """
     base = job_prefix(job_id)
@@ -193,7 +222,9 @@ def run_job(
 
     data: dict[str, Any] = {}
     with _inputs_at_fault(spec, lambda: data.get("uri")):
-        data_store, prefix = resolve_dataset_uri(spec.dataset.uri, settings, store)
+        data_store, prefix = resolve_dataset_uri(
+            spec.dataset.uri, settings, store, tenant_id=tenant_id
+        )
         data["uri"] = data_store.uri(prefix)
         meta = read_dataset_meta(data_store, prefix)
         # The API resolved the stored spec already; a spec from elsewhere gets the same defaults.
@@ -201,9 +232,11 @@ def run_job(
         if problems:
             raise JobInputError("; ".join(f"{'.'.join(p.loc)}: {p.message}" for p in problems))
         splits = load_splits(data_store, prefix)  # validates every part and row
-        teacher = teacher_source_from_spec(store, spec.teacher, meta.num_classes)
+        teacher = teacher_source_from_spec(
+            store, _tenant_teacher(spec, settings, tenant_id), meta.num_classes
+        )
     features = _teacher_features(
-        job_id, spec, settings, data_store, prefix, teacher, splits, control, log
+        job_id, spec, settings, store, data_store, prefix, teacher, splits, control, log
     )
     with _inputs_at_fault(spec, lambda: data.get("uri")):
         plan = plan_training(
@@ -323,6 +356,7 @@ def _teacher_features(
     job_id: int,
     spec: JobSpec,
     settings: Settings,
+    store: ObjectStore,
     data_store: ObjectStore,
     prefix: str,
     teacher: Any,
@@ -331,12 +365,16 @@ def _teacher_features(
     log: Callable[[str, str], None],
 ) -> FeatureSet:
     """The teacher's features: reused when cached and intact, else computed in a Ray task
-    (killed at once on a cancel); a corrupt cache is invalidated and computed again, once."""
+    (killed at once on a cancel); a corrupt cache is invalidated and computed again, once.
+
+    Derived data lives in the deployment's ``store``, keyed by content, never in the dataset's
+    location (which may be shared, or not the deployment's at all)."""
 
     def compute(*args: Any, **kwargs: Any) -> FeatureSet:
         log("info", "computing the teacher's features")
         return run_on_ray(
             compute_features_at,
+            store.uri(""),
             data_store.uri(""),
             settings,
             *args,
@@ -357,6 +395,7 @@ def _teacher_features(
         on_progress=lambda message: log("info", message),
         should_stop=control.stopping,
         compute=compute,
+        cache_store=store,
     )
 
 

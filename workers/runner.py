@@ -31,6 +31,7 @@ import ray
 from pydantic import ValidationError
 from sqlalchemy import Engine, func, select
 
+from bird_datasets.location import tenant_prefix
 from service import queue
 from service.db import make_engine, session_factory
 from service.models import Metric
@@ -180,18 +181,34 @@ class Worker:
         with self.sessions() as session:
             for job_id in queue.reap(session):
                 log.info("job %s: lease expired, requeued or failed", job_id)
-        job = queue.claim(self.engine, self.worker_id, self.settings.lease_s)
+        job = queue.claim(
+            self.engine,
+            self.worker_id,
+            self.settings.lease_s,
+            max_running_per_tenant=self.settings.max_running_per_tenant,
+        )
         if job is None:
             return False
         log.info("job %s: claimed (attempt %s of %s)", job.id, job.attempts, job.max_attempts)
         self._run(job)
         return True
 
+    def _redactor(self, job: Any) -> Redactor:
+        """The redactor of ``job``'s tenant-visible text: the deployment's, and the tenant's
+        own space written away (its names read as they are in its specs)."""
+        tenant_id = getattr(job, "tenant_id", None)
+        if tenant_id is None:
+            return self.redact
+        own = tenant_prefix(tenant_id)
+        return self.redact.stripping(self.store.uri(own).rstrip("/") + "/", own + "/")
+
     def _log(self, job: Any, level: str, message: str) -> None:
         """A line in the job's log (tenant-visible: redacted; fenced on the attempt)."""
         try:
             with self.sessions() as session:
-                queue.append_log(session, job.id, level, self.redact(message), attempt=job.attempts)
+                queue.append_log(
+                    session, job.id, level, self._redactor(job)(message), attempt=job.attempts
+                )
         except queue.StaleAttempt:
             log.info("job %s: attempt %s is stale; log line dropped", job.id, job.attempts)
         except Exception:
@@ -201,7 +218,7 @@ class Worker:
         try:
             spec = JobSpec.model_validate(job.spec)
         except ValidationError as error:
-            message = error_summary(error, self.redact, with_type=False)
+            message = error_summary(error, self._redactor(job), with_type=False)
             self._end(job, "fail", f"the stored spec is not valid: {message}")
             return
         name = run_control_name(self.settings.resolved_database_url, job.id)
@@ -210,7 +227,7 @@ class Worker:
             handle = run_control(name)
         except Exception as error:  # Ray unreachable: the deployment's fault, not the job's
             log.exception("job %s: cannot reach Ray", job.id)
-            detail = error_summary(error, self.redact)
+            detail = error_summary(error, self._redactor(job))
             how = "retry" if job.attempts < job.max_attempts else "fail"
             self._end(job, how, detail)
             return
@@ -228,6 +245,7 @@ class Worker:
                 store=self.store,
                 control=control,
                 log=lambda level, message: self._log(job, level, message),
+                tenant_id=job.tenant_id,
             )
             if result.cancelled:
                 outcome = ("cancel", "cancelled during training")
@@ -238,7 +256,7 @@ class Worker:
             outcome = ("cancel", "cancelled")
         except NoRoom as error:
             # The wait for room is bounded: the job ends here rather than holding a worker.
-            outcome = ("fail", error_summary(error, self.redact, with_type=False))
+            outcome = ("fail", error_summary(error, self._redactor(job), with_type=False))
         except Exception as error:
             outcome = self._failure(job, control, error)
         finally:
@@ -267,15 +285,15 @@ class Worker:
             )
             return ("retry", "")
         log.error("job %s: attempt %s failed", job.id, job.attempts, exc_info=error)
-        self._log(job, "error", error_report(error, self.redact))
+        self._log(job, "error", error_report(error, self._redactor(job)))
         remote = getattr(error, "report", "")
         if remote:  # where inside the Ray run the error was found
             log.error("job %s: in its Ray run:\n%s", job.id, remote)
             self._log(job, "error", f"in the Ray run:\n{remote}")
         cause = input_error_in(error)
         if cause is not None:
-            return ("fail", error_summary(cause, self.redact, with_type=False))
-        detail = error_summary(root_cause(error), self.redact)
+            return ("fail", error_summary(cause, self._redactor(job), with_type=False))
+        detail = error_summary(root_cause(error), self._redactor(job))
         if job.attempts >= job.max_attempts:
             return ("fail", f"attempt {job.attempts} of {job.max_attempts} failed: {detail}")
         # Back off before giving the job back, so that a passing failure (a Ray node

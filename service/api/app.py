@@ -1,10 +1,12 @@
 """The FastAPI application: ``create_app(settings)`` wires settings, database, store and routes.
 
 Errors are answered as JSON ``{"detail": ...}`` with the status that says whose fault it was:
-unknown or foreign job 404, a transition the job's state forbids 409, bad input 422 (FastAPI's
-field-level shape), the database or object store unreachable 503. A 500 means a bug; its
-traceback goes to the log, never to the client. Nothing secret is logged: not the keys, not the
-Authorization header, not the database URL's password.
+a body that cannot be read 400, no valid key 401, unknown or foreign job 404, a transition the
+job's state forbids 409, a body over the limit 413, bad input 422 (FastAPI's field-level shape,
+bounded: see ``service.api.edges``), a tenant's queue full 429, the database or object store
+unreachable 503 (429 and 503 with ``Retry-After``). A 500 means a bug; its traceback goes to the
+log, never to the client. Nothing secret is logged: not the keys (a query string carrying one is
+redacted from the access log), not the Authorization header, not the database URL's password.
 """
 
 from __future__ import annotations
@@ -20,16 +22,21 @@ from typing import Any
 
 from fastapi import FastAPI, Request, status
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import Engine, event, make_url
 from sqlalchemy.exc import DataError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from service import queue
 from service.api.deps import READ_THREADS, WRITE_THREADS, AppState
-from service.api.routes import checkpoints, health, jobs
+from service.api.edges import AccessLogRedaction, BodyLimitMiddleware, bounded_errors
+from service.api.routes import checkpoints, datasets, health, jobs, teachers
+from service.api.schemas import error_responses
 from service.db import make_engine, session_factory
 from service.settings import Settings
 from service.storage import (
@@ -45,6 +52,10 @@ __all__ = ["DASHBOARD_DIR", "create_app"]
 log = logging.getLogger("bird.api")
 
 DASHBOARD_DIR = Path(__file__).resolve().parent.parent / "dashboard"
+# When a client that was refused for a full queue, or for an outage, should try again. A full
+# queue drains as workers claim jobs, at a pace the API cannot know; a minute is a polite poll.
+QUEUE_FULL_RETRY_AFTER_S = 60
+UNAVAILABLE_RETRY_AFTER_S = 5
 
 # Connections per API process on PostgreSQL, in two pools: autocommit connections for reads and
 # transactional ones for writes, (pool_size, max_overflow) each. At most READ_THREADS and
@@ -82,15 +93,39 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+_HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _allowed(app: FastAPI, request: Request) -> list[str]:
+    """The methods that some route of ``app`` serves at the request's path."""
+    return [
+        method
+        for method in _HTTP_METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] == Match.FULL
+            for route in app.router.routes
+        )
+    ]
+
+
 def _register_errors(app: FastAPI) -> None:
     """Map the service layer's exceptions to HTTP answers."""
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        # FastAPI's shape (loc, msg, type, input), but an input holding NaN (Python's JSON
-        # parser accepts it) must not turn a 422 into a 500 while rendering.
-        errors = _json_safe(jsonable_encoder(exc.errors()))
+        # FastAPI's shape (loc, msg, type, input), bounded: a large body is never echoed back.
+        # An input holding NaN (Python's JSON parser accepts it) or a lone surrogate must not
+        # turn a 422 into a 500 while rendering.
+        errors = bounded_errors(_json_safe(jsonable_encoder(exc.errors())))
         return JSONResponse({"detail": errors}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == status.HTTP_405_METHOD_NOT_ALLOWED:
+            # Starlette names the methods of the one route it tried; a path served by several
+            # routes (GET and POST /jobs) supports all of theirs.
+            exc.headers = {**(exc.headers or {}), "Allow": ", ".join(_allowed(app, request))}
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(queue.JobNotFound)
     async def job_not_found(_request: Request, exc: queue.JobNotFound) -> JSONResponse:
@@ -106,6 +141,14 @@ def _register_errors(app: FastAPI) -> None:
     ) -> JSONResponse:
         return _detail(status.HTTP_409_CONFLICT, str(exc))
 
+    @app.exception_handler(queue.QueueFull)
+    async def queue_full(_request: Request, exc: queue.QueueFull) -> JSONResponse:
+        return _detail(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            str(exc),
+            headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)},
+        )
+
     @app.exception_handler(StorageError)
     async def storage_error(_request: Request, exc: StorageError) -> JSONResponse:
         if isinstance(exc, ObjectNotFoundError):
@@ -113,7 +156,11 @@ def _register_errors(app: FastAPI) -> None:
         if isinstance(exc, InvalidKeyError):
             return _detail(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc))
         log.warning("object store error: %s", exc)
-        return _detail(status.HTTP_503_SERVICE_UNAVAILABLE, f"object store unavailable: {exc}")
+        return _detail(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            f"object store unavailable: {exc}",
+            headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)},
+        )
 
     async def database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
         # The message of a connection error names host and port, never the password.
@@ -122,7 +169,7 @@ def _register_errors(app: FastAPI) -> None:
         return _detail(
             status.HTTP_503_SERVICE_UNAVAILABLE,
             "database unavailable; try again shortly",
-            headers={"Retry-After": "5"},
+            headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)},
         )
 
     for exc_class in (OperationalError, InterfaceError, PoolTimeoutError):
@@ -220,8 +267,14 @@ def create_app(
         store=store,
     )
 
+    # uvicorn writes the access log itself; this filter redacts keys sent in query strings
+    # (which the API refuses) before a line is written. Installed while the app runs.
+    redaction = AccessLogRedaction()
+    access_log = logging.getLogger("uvicorn.access")
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        access_log.addFilter(redaction)
         # Everything imported and built so far (FastAPI, pydantic, SQLAlchemy, boto3: some
         # 150,000 objects) lives as long as the process. Left in the cyclic collector's oldest
         # generation, it makes every full collection walk all of it: a 40-180 ms pause of the
@@ -232,6 +285,7 @@ def create_app(
         try:
             yield
         finally:
+            access_log.removeFilter(redaction)
             gc.unfreeze()
             state.probes.shutdown(wait=False, cancel_futures=True)
             for owned_engine in owned:
@@ -243,12 +297,21 @@ def create_app(
         summary="Fair knowledge distillation as a service",
         description=_DESCRIPTION,
         lifespan=lifespan,
+        # Any request, on any path, may carry a body over the limit.
+        responses=error_responses(413),
     )
     app.state.bird = state
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        upload_max_bytes=settings.max_upload_bytes,
+    )
     _register_errors(app)
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(checkpoints.router)
+    app.include_router(datasets.router)
+    app.include_router(teachers.router)
 
     if DASHBOARD_DIR.is_dir():
         app.mount("/ui", StaticFiles(directory=DASHBOARD_DIR, html=True), name="ui")

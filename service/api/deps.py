@@ -17,7 +17,8 @@ connection. Writes get a transactional ORM session, committed by the queue opera
 the writing; they are never retried.
 
 Authentication reads ``Authorization: Bearer <key>`` itself (so that a missing, a malformed and
-an unknown key each get their own clear 401) and declares the scheme with
+an unknown key each get their own clear 401; a key in the query string is refused with a 401
+of its own, even next to a valid header) and declares the scheme with
 :class:`fastapi.security.HTTPBearer` so that the OpenAPI document and ``/docs`` know about it.
 The key is checked against the database on every request (nothing is cached: a revoked key is
 refused at once), before the request's parameters and body are validated. Keys are never logged
@@ -45,6 +46,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from bird_datasets.location import resolve_dataset_uri
+from service.api.edges import credential_in_query
 from service.auth import key_owner, may_be_key
 from service.settings import Settings
 from service.storage import (
@@ -191,11 +193,13 @@ class AppState:
             return scoped(store, prefix) if prefix else store
         return self._cached_store(url)
 
-    def resolve_dataset(self, uri: str) -> tuple[ObjectStore, str]:
-        """The store and prefix a job spec's ``dataset.uri`` names (see
-        :func:`bird_datasets.location.resolve_dataset_uri`). Raises
+    def resolve_dataset(self, uri: str, tenant_id: int | None = None) -> tuple[ObjectStore, str]:
+        """The store and prefix a job spec's ``dataset.uri`` names in the space of tenant
+        ``tenant_id`` (see :func:`bird_datasets.location.resolve_dataset_uri`). Raises
         :class:`~bird_datasets.location.DatasetURIError`."""
-        return resolve_dataset_uri(uri, self.settings, self.store, opener=self._dataset_store)
+        return resolve_dataset_uri(
+            uri, self.settings, self.store, tenant_id=tenant_id, opener=self._dataset_store
+        )
 
     def resolve_object(self, uri: str) -> tuple[ObjectStore, str]:
         """The store and key of an object recorded by a worker (a checkpoint archive).
@@ -281,7 +285,15 @@ def _unauthorized(detail: str) -> HTTPException:
 
 
 def _bearer_token(request: Request) -> str:
-    """The key of ``Authorization: Bearer <key>``; 401 when the header is missing or malformed."""
+    """The key of ``Authorization: Bearer <key>``; 401 when the header is missing or malformed,
+    or when the query string carries a key (whatever the header says)."""
+    parameter = credential_in_query(request.scope.get("query_string", b""))
+    if parameter is not None:
+        raise _unauthorized(
+            f"API keys are accepted only in the Authorization header, never in the URL "
+            f"(query parameter {parameter!r}): URLs are written to logs. Send "
+            "'Authorization: Bearer <API key>', and revoke a key that was sent in a URL."
+        )
     header = request.headers.get("authorization")
     if header is None or not header.strip():
         raise _unauthorized("missing Authorization header: send 'Authorization: Bearer <API key>'")

@@ -30,16 +30,25 @@ its top level, so extracting it into ``<out>/<name>/`` gives a directory that
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.api.edges import EXCERPT_CHARS, MAX_ERRORS, valid_text
 from service.models import Checkpoint, Job, JobEvent, JobLog, JobStage, JobState, Metric, Trial
 from service.spec import JobSpec
 
 __all__ = [
     "CheckpointPublic",
+    "DatasetCreate",
+    "DatasetDescription",
+    "DatasetFile",
+    "DatasetList",
+    "DatasetPublic",
+    "DatasetUpload",
+    "ErrorPublic",
     "EventPublic",
     "GroupRow",
     "Health",
@@ -51,6 +60,10 @@ __all__ = [
     "MetricPoint",
     "MetricsPublic",
     "TrialPublic",
+    "UploadURL",
+    "ValidationErrorPublic",
+    "ValidationIssue",
+    "error_responses",
     "finite",
 ]
 
@@ -95,8 +108,12 @@ class JobPublic(_Out):
 
     @classmethod
     def from_job(cls, job: Job) -> JobPublic:
-        """The public view of a ``jobs`` row."""
-        spec = job.spec or {}
+        """The public view of a ``jobs`` row.
+
+        The API refuses specs with text that UTF-8 cannot carry; a row stored before it did is
+        shown with U+FFFD in place of such characters rather than failing to render.
+        """
+        spec = valid_text(job.spec or {})
         method = spec.get("method") or {}
         dataset = spec.get("dataset") or {}
         return cls(
@@ -192,8 +209,11 @@ class TrialPublic(_Out):
 
     @classmethod
     def from_row(cls, row: Trial) -> TrialPublic:
-        """A trial from a ``trials`` row."""
-        return cls.model_validate(row)
+        """A trial from a ``trials`` row (its JSON columns made valid UTF-8, as for a job)."""
+        trial = cls.model_validate(row)
+        return trial.model_copy(
+            update={"params": valid_text(trial.params), "metrics": valid_text(trial.metrics)}
+        )
 
 
 class EventPublic(_Out):
@@ -260,8 +280,171 @@ class CheckpointPublic(BaseModel):
         )
 
 
+class DatasetFile(BaseModel):
+    """One file of a dataset upload, relative to the dataset (``part-00000.parquet``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(
+        min_length=1,
+        max_length=255,
+        # One or more plain segments: no '..', no leading '/', no empty segment.
+        pattern=r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$",
+    )
+    size: int = Field(ge=0, description="Bytes of the file (at most BIRD_MAX_UPLOAD_BYTES).")
+
+
+class DatasetCreate(BaseModel):
+    """``POST /datasets``: a dataset to upload, by name, and the files it consists of."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$",
+        description="Jobs name it datasets/<name>; lower-case letters, digits, '.', '_', '-'.",
+    )
+    files: list[DatasetFile] = Field(
+        min_length=1,
+        max_length=10_000,
+        description="Every file of the dataset directory, manifest.json included.",
+    )
+
+
+class UploadURL(BaseModel):
+    """Where to send one file of an upload."""
+
+    path: str
+    method: str = "PUT"
+    url: str = Field(
+        description="A presigned S3 URL (send no Authorization header), or this API's "
+        "/datasets/<name>/files/<path> for a local store (send the bearer key)."
+    )
+
+
+class DatasetUpload(BaseModel):
+    """The answer to ``POST /datasets``: an upload URL per file; send manifest.json last."""
+
+    name: str
+    uri: str = Field(description="What a job's dataset.uri names it: datasets/<name>.")
+    expires_in_s: int
+    uploads: list[UploadURL]
+
+
+class DatasetPublic(BaseModel):
+    """One dataset of a listing."""
+
+    name: str
+    uri: str = Field(description="What a job's dataset.uri names it.")
+    shared: bool = Field(description="Published by the operator for every tenant (read-only).")
+    files: int
+    size: int = Field(description="Bytes of its files, manifest excluded.")
+    created_at: datetime
+    description: dict[str, Any] = Field(
+        description="From its metadata: name, task, num_classes, num_groups."
+    )
+
+
+class DatasetList(BaseModel):
+    """``GET /datasets``: the tenant's datasets, then the shared ones."""
+
+    items: list[DatasetPublic]
+
+
+class DatasetDescription(BaseModel):
+    """``GET /datasets/{name}``: counts per split × class × group, and the same as a table."""
+
+    model_config = ConfigDict(extra="allow")
+
+    uri: str
+    name: str
+    task: str
+    num_classes: int
+    num_groups: int
+    class_names: list[str]
+    group_names: list[str]
+    rows: int
+    splits: dict[str, Any]
+    table: str = Field(description="The table `bird datasets describe` prints.")
+
+
 class Health(BaseModel):
     """Answer of the health and readiness probes."""
 
     status: str
     checks: dict[str, str] = Field(default_factory=dict)
+
+
+class ErrorPublic(BaseModel):
+    """An error, in words (every status except 422)."""
+
+    detail: str = Field(description="What went wrong and, where it helps, what to do.")
+
+
+class ValidationIssue(BaseModel):
+    """One problem of a 422: where it is and what is wrong."""
+
+    loc: list[str | int] = Field(description='Where, e.g. ["body", "training", "epochs"].')
+    msg: str
+    type: str
+    input: Any = Field(
+        default=None,
+        description=f"The value refused, or an excerpt of at most {EXCERPT_CHARS} characters "
+        "of it.",
+    )
+    ctx: dict[str, Any] | None = Field(default=None, description="Details, e.g. a bound.")
+
+
+class ValidationErrorPublic(BaseModel):
+    """A 422: every problem found (at most MAX_ERRORS, then a ``too_many_errors`` entry)."""
+
+    detail: list[ValidationIssue] = Field(max_length=MAX_ERRORS + 1)
+
+
+def _header(description: str, example: str | None = None) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string"}
+    if example is not None:
+        schema["example"] = example
+    return {"description": description, "required": True, "schema": schema}
+
+
+_RETRY_AFTER = _header("Seconds to wait before trying again.", "60")
+# The statuses the API answers besides success, with the body and headers each one carries.
+_ERROR_RESPONSES: Mapping[int, dict[str, Any]] = {
+    400: {"description": "The body could not be read as JSON text (e.g. it is not UTF-8)."},
+    401: {
+        "description": "No valid API key: the Authorization header is missing or malformed, the "
+        "key is unknown or revoked, or a key was sent in the query string.",
+        "headers": {"WWW-Authenticate": _header("The scheme to use.", "Bearer")},
+    },
+    404: {"description": "No such job (or it belongs to another tenant)."},
+    409: {"description": "The request conflicts with the resource's state."},
+    413: {"description": "The request body is over the deployment's limit (BIRD_MAX_BODY_BYTES)."},
+    422: {
+        "model": ValidationErrorPublic,
+        "description": "Invalid parameters or body, field by field (values echoed only as "
+        "bounded excerpts).",
+    },
+    429: {
+        "description": "The tenant has as many queued jobs as it may (BIRD_MAX_QUEUED_PER_TENANT).",
+        "headers": {"Retry-After": _RETRY_AFTER},
+    },
+    503: {
+        "description": "The database or the object store cannot be reached.",
+        "headers": {"Retry-After": _RETRY_AFTER},
+    },
+}
+
+
+def error_responses(*codes: int, **descriptions: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the error statuses ``codes``, with their models and headers.
+
+    A keyword ``_404="..."`` replaces the standard description of that status.
+    """
+    responses: dict[int | str, dict[str, Any]] = {}
+    for code in codes:
+        response = {"model": ErrorPublic, **_ERROR_RESPONSES[code]}
+        description = descriptions.get(f"_{code}")
+        if description is not None:
+            response["description"] = description
+        responses[code] = response
+    return responses

@@ -5,6 +5,8 @@
 //   #/jobs[?state=..&offset=..]   the jobs list (polled every 2 s)
 //   #/jobs/<id>                   one job: header, live curves, groups, trials, events, checkpoints
 //   #/new                         the submit form
+//   #/datasets                    your datasets and the shared ones; upload one
+//   #/datasets/<name>             one dataset: rows per split × class × group; delete
 // The API key is asked for once, kept in localStorage and sent as "Authorization: Bearer <key>";
 // any 401 forgets it and brings the key screen back with a message.
 "use strict";
@@ -256,6 +258,10 @@
     if (parts[0] === "new") {
       $("#nav-new").classList.add("active");
       renderNewJob(view, token);
+    } else if (parts[0] === "datasets") {
+      $("#nav-datasets").classList.add("active");
+      if (parts[1]) renderDataset(view, token, decodeURIComponent(parts[1]));
+      else renderDatasets(view, token);
     } else if (parts[0] === "jobs" && parts[1]) {
       $("#nav-jobs").classList.add("active");
       renderJob(view, token, parts[1]);
@@ -434,6 +440,241 @@
       );
       return true;
     });
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // Datasets: list, upload, describe, delete
+  // ------------------------------------------------------------------------------------------
+
+  const DATASET_NAME = /^[a-z0-9][a-z0-9._-]{0,62}$/;
+
+  function renderDatasets(view, token) {
+    const tbody = h("tbody");
+    const status = h("p", { id: "upload-status", "data-testid": "upload-status", role: "status" });
+    const nameInput = h("input", {
+      id: "upload-name",
+      "data-testid": "upload-name",
+      placeholder: "fmnist",
+      pattern: DATASET_NAME.source,
+      required: true,
+    });
+    const filesInput = h("input", {
+      id: "upload-files",
+      "data-testid": "upload-files",
+      type: "file",
+      multiple: true,
+      required: true,
+    });
+    const form = h(
+      "form",
+      {
+        id: "upload-form",
+        class: "upload",
+        onsubmit: (event) => onUpload(event, token, nameInput, filesInput, status),
+      },
+      h("label", { for: "upload-name" }, "Name "),
+      nameInput,
+      h("label", { for: "upload-files" }, " Files (manifest.json and the Parquet parts) "),
+      filesInput,
+      h(
+        "button",
+        { type: "submit", id: "upload-submit", "data-testid": "upload-submit" },
+        "Upload",
+      ),
+    );
+    view.append(
+      h(
+        "section",
+        { class: "card" },
+        h("div", { class: "card-head" }, h("h1", {}, "Datasets")),
+        h(
+          "p",
+          { class: "muted" },
+          "Jobs name yours datasets/<name> and the shared ones shared/datasets/<name>. ",
+          "Another tenant never sees yours.",
+        ),
+        h(
+          "table",
+          { id: "datasets-table", "data-testid": "datasets-table", class: "table" },
+          h(
+            "thead",
+            {},
+            h(
+              "tr",
+              {},
+              ["dataset", "task", "classes × groups", "files", "size", "created"].map((c) =>
+                h("th", {}, c),
+              ),
+            ),
+          ),
+          tbody,
+        ),
+      ),
+      h(
+        "section",
+        { class: "card" },
+        h("h2", {}, "Upload a dataset"),
+        h(
+          "p",
+          { class: "muted" },
+          "Select every file of a dataset directory (bird datasets prepare --out DIR). ",
+          "The manifest is sent last, so the dataset appears only once complete.",
+        ),
+        form,
+        status,
+      ),
+    );
+    poll(token, async () => {
+      const page = await api("/datasets");
+      if (!isCurrent(token)) return false;
+      const rows = (page.items || []).map((d) => {
+        const info = d.description || {};
+        return h(
+          "tr",
+          { "data-dataset": d.uri },
+          h(
+            "td",
+            { class: "mono" },
+            d.shared
+              ? d.uri
+              : h(
+                  "a",
+                  { class: "dataset-link", href: `#/datasets/${encodeURIComponent(d.name)}` },
+                  d.uri,
+                ),
+          ),
+          h("td", {}, info.task || "—"),
+          h("td", {}, info.num_classes != null ? `${info.num_classes} × ${info.num_groups}` : "—"),
+          h("td", {}, String(d.files)),
+          h("td", { class: "nowrap" }, fmtBytes(d.size)),
+          h("td", { class: "nowrap" }, fmtTime(d.created_at)),
+        );
+      });
+      if (!rows.length) {
+        rows.push(h("tr", { class: "empty" }, h("td", { colspan: 6 }, "No datasets yet.")));
+      }
+      fill(tbody, rows);
+      return true;
+    });
+  }
+
+  // POST /datasets, then PUT every file to its URL (the manifest last). The key goes only to
+  // this origin: a presigned S3 URL carries its own signature.
+  async function onUpload(event, token, nameInput, filesInput, status) {
+    event.preventDefault();
+    const name = nameInput.value.trim();
+    const files = Array.from(filesInput.files || []);
+    if (!DATASET_NAME.test(name)) {
+      fill(
+        status,
+        "The name takes a-z, 0-9, '.', '_' and '-' (at most 63, starting with a letter or digit).",
+      );
+      status.className = "error";
+      return;
+    }
+    const byPath = new Map(
+      files.map((f) => [
+        f.webkitRelativePath
+          ? f.webkitRelativePath.split("/").slice(1).join("/") || f.name
+          : f.name,
+        f,
+      ]),
+    );
+    if (!byPath.has("manifest.json")) {
+      fill(status, "Select manifest.json too: a dataset exists once its manifest is uploaded.");
+      status.className = "error";
+      return;
+    }
+    status.className = "muted";
+    fill(status, `Registering ${name}…`);
+    try {
+      const upload = await api("/datasets", {
+        method: "POST",
+        body: { name, files: Array.from(byPath, ([path, f]) => ({ path, size: f.size })) },
+      });
+      let done = 0;
+      for (const item of upload.uploads) {
+        const url = new URL(item.url, location.origin);
+        const headers =
+          url.origin === location.origin ? { Authorization: `Bearer ${getKey() || ""}` } : {};
+        const res = await fetch(url.href, {
+          method: item.method,
+          headers,
+          body: byPath.get(item.path),
+        });
+        if (!res.ok) throw new ApiError(res.status, `${item.path}: HTTP ${res.status}`);
+        done += 1;
+        if (isCurrent(token)) fill(status, `Uploaded ${done} of ${upload.uploads.length} files…`);
+      }
+      if (!isCurrent(token)) return;
+      fill(status, `Uploaded ${upload.uri}.`);
+      location.hash = `#/datasets/${encodeURIComponent(name)}`;
+    } catch (err) {
+      if (err instanceof AuthError) return;
+      status.className = "error";
+      fill(
+        status,
+        `Upload failed: ${describeDetail(err.detail !== undefined ? err.detail : err.message)}`,
+      );
+    }
+  }
+
+  function renderDataset(view, token, name) {
+    const body = h("div", { id: "dataset-body", "data-testid": "dataset-body" }, "Loading…");
+    const remove = h(
+      "button",
+      {
+        id: "dataset-delete",
+        "data-testid": "dataset-delete",
+        class: "danger",
+        onclick: async () => {
+          if (!confirm(`Delete datasets/${name}? Jobs can no longer name it.`)) return;
+          try {
+            await api(`/datasets/${encodeURIComponent(name)}`, { method: "DELETE" });
+            location.hash = "#/datasets";
+          } catch (err) {
+            if (!(err instanceof AuthError))
+              fill(body, h("p", { class: "error" }, describeDetail(err.detail)));
+          }
+        },
+      },
+      "Delete",
+    );
+    view.append(
+      h(
+        "section",
+        { class: "card" },
+        h(
+          "div",
+          { class: "card-head" },
+          h("h1", { class: "mono" }, `datasets/${name}`),
+          h("a", { href: "#/datasets" }, "← all datasets"),
+          remove,
+        ),
+        body,
+      ),
+    );
+    (async () => {
+      try {
+        const d = await api(`/datasets/${encodeURIComponent(name)}`);
+        if (!isCurrent(token)) return;
+        fill(
+          body,
+          h(
+            "p",
+            { class: "muted" },
+            `${d.name}: ${d.task}, ${d.rows} rows, ${d.num_classes} classes, ${d.num_groups} groups`,
+          ),
+          h("pre", { id: "dataset-table", "data-testid": "dataset-table", class: "mono" }, d.table),
+        );
+      } catch (err) {
+        if (err instanceof AuthError || !isCurrent(token)) return;
+        fill(
+          body,
+          h("p", { class: "error", "data-testid": "dataset-error" }, describeDetail(err.detail)),
+        );
+      }
+    })();
   }
 
   // ------------------------------------------------------------------------------------------

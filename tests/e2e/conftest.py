@@ -99,7 +99,8 @@ def artifacts_dir() -> Path:
 
 # Jobs run by the real worker
 
-E2E_DATASET = DATASET_PREFIX
+# Published by the operator for every tenant: each test's tenant names it.
+E2E_DATASET = f"shared/{DATASET_PREFIX}"
 
 
 def job_spec(**training: Any) -> dict[str, Any]:
@@ -122,7 +123,7 @@ def e2e_dataset(_api_s3_server: Any, fm_features: TrainData) -> Any:  # noqa: F8
     published under the same content address and reuses them (the feature tests cover the
     computation itself).
     """
-    copy_dataset_and_features(fm_features, _api_s3_server.store)
+    copy_dataset_and_features(fm_features, _api_s3_server.store, E2E_DATASET)
     return fm_features.splits
 
 

@@ -22,6 +22,7 @@ import httpx
 import pytest
 from sqlalchemy import update
 
+from bird_datasets.location import tenant_prefix
 from service import queue
 from service.client import BirdClient
 from service.models import Job
@@ -154,7 +155,7 @@ def test_cancel_while_precomputing_a_corrupt_cache_again(
     again (self-healing) in a Ray task; a cancel meanwhile kills that task and frees its lock."""
     api = live_api_local
     store = api.store
-    copy_dataset_and_features(fm_features, store)
+    copy_dataset_and_features(fm_features, store, E2E_DATASET)
     shard = fm_features.features.shards[0]
     data = bytearray(store.get_bytes(shard))
     data[len(data) // 2] ^= 0xFF
@@ -276,12 +277,14 @@ def test_a_corrupt_dataset_part_fails_at_once_naming_the_part(
 ) -> None:
     store = live_api.store
     prefix = "datasets/fm-corrupt"
+    # A copy of the shared dataset in the tenant's own space, one part corrupted.
+    stored_at = join_key(tenant_prefix(live_api.tenant_id), prefix)
     for info in sorted(store.list(E2E_DATASET), key=lambda i: i.key.endswith("manifest.json")):
         data = bytearray(store.get_bytes(info.key))
         if info.key.endswith(".parquet"):
             data[len(data) // 3] ^= 0xFF
             part = info.key.rsplit("/", 1)[1]
-        store.put_bytes(prefix + info.key[len(E2E_DATASET) :], bytes(data))
+        store.put_bytes(stored_at + info.key[len(E2E_DATASET) :], bytes(data))
     spec = job_spec(epochs=1)
     spec["dataset"] = {"uri": prefix}
     client = BirdClient(live_api.base_url, live_api.api_key)
@@ -293,7 +296,7 @@ def test_a_corrupt_dataset_part_fails_at_once_naming_the_part(
     assert job["state"] == "failed" and job["attempts"] == 1, job
     assert job["error"].startswith(f"dataset {prefix}: part {part} does not match"), job["error"]
     bucket = live_api.settings.resolved_store_url.split("/")[2]
-    assert bucket not in job["error"]
+    assert bucket not in job["error"] and "tenants/" not in job["error"]
 
 
 def test_an_s3_endpoint_failure_shows_tenants_no_endpoint_or_bucket(

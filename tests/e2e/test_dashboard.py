@@ -540,3 +540,48 @@ def test_gate_chart_plots_the_gate_of_a_real_bird_run(
     _expect_points(page, '#chart-train path.series[data-series="kd"]', EPOCHS)
     page.screenshot(path=str(artifacts_dir / "dashboard-gate.png"), full_page=True)
     assert not js_errors, js_errors
+
+
+def test_datasets_page_uploads_describes_lists_and_deletes(
+    page: Page, live_api_local: LiveAPI, js_errors: list[str], tmp_path: Path
+) -> None:
+    from bird_datasets.location import tenant_prefix
+    from service.storage import LocalStore
+    from tests.integration.api_fixtures import publish_tiny_dataset
+
+    api = live_api_local
+    publish_tiny_dataset(LocalStore(tmp_path), "ds")
+    files = sorted(str(p) for p in (tmp_path / "ds").iterdir() if p.is_file())
+    assert any(f.endswith("manifest.json") for f in files)
+    _sign_in(page, api)
+    page.click("#nav-datasets")
+    mine = page.locator('#datasets-table tr[data-dataset="datasets/tiny-mine"]')
+    expect(page.locator("#datasets-table tbody tr").first).to_be_visible()  # the first poll
+    expect(mine).to_have_count(0)
+
+    page.fill("#upload-name", "tiny-mine")
+    page.set_input_files("#upload-files", files)
+    page.click("#upload-submit")
+    # Uploaded, then shown: the describe table of the API's GET /datasets/{name}.
+    expect(page.locator("#dataset-table")).to_contain_text("train")
+    assert page.url.endswith("#/datasets/tiny-mine")
+    stored = api.store.root / tenant_prefix(api.tenant_id) / "datasets" / "tiny-mine"
+    assert (stored / "manifest.json").is_file()
+
+    page.click("#nav-datasets")
+    row = page.locator('#datasets-table tr[data-dataset="datasets/tiny-mine"]')
+    expect(row).to_contain_text("multiclass")
+    expect(row).to_contain_text("2 × 2")
+
+    page.on("dialog", lambda dialog: dialog.accept())
+    row.locator("a.dataset-link").click()
+    page.click("#dataset-delete")
+    expect(page.locator("#datasets-table tbody tr").first).to_be_visible()
+    expect(mine).to_have_count(0)
+    assert not stored.exists()
+    # Deleted: the same answer as a name that never existed.
+    page.goto(f"{api.base_url}/ui/#/datasets/tiny-mine")
+    expect(page.locator('[data-testid="dataset-error"]')).to_have_text(
+        "dataset 'tiny-mine' not found"
+    )
+    assert js_errors == []

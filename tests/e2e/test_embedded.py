@@ -32,7 +32,7 @@ import httpx
 import pytest
 
 from service.storage import LocalStore
-from tests.e2e.conftest import job_spec
+from tests.e2e.conftest import E2E_DATASET, job_spec
 from tests.integration.train_fixtures import TrainData, copy_dataset_and_features
 
 # The bound on cancelling a running job that the worker sees at its next heartbeat (1 s here):
@@ -86,9 +86,11 @@ class Embedded:
 def embedded(
     fm_features: TrainData, ray_local: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Embedded]:
-    """`bird serve` on a fresh data directory holding the session's dataset and features."""
+    """`bird serve` on a fresh data directory holding the session's dataset (shared) and
+    features."""
     data_dir = tmp_path_factory.mktemp("embedded")
-    copy_dataset_and_features(fm_features, LocalStore(data_dir / "store"))
+    # The dataset is shared operator data (every tenant, the embedded one too, names it).
+    copy_dataset_and_features(fm_features, LocalStore(data_dir / "store"), E2E_DATASET)
     port = _free_port()
     env = {
         key: value

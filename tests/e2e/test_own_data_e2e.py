@@ -2,10 +2,11 @@
 by the real worker on the session's Ray cluster, and the downloaded student reproducing the
 reported test metrics.
 
-Nothing stands in for anything: the CLI writes to the moto S3 server's bucket the API reads,
-``bird teachers train`` publishes the tabular teacher there, the job goes through real HTTP,
-PostgreSQL and ``workers.runner.Worker``. The data are small (a few hundred rows, one epoch)
-so the two jobs take about a minute each on two cores.
+Nothing stands in for anything: the CLI imports into a local directory, ``bird teachers train``
+publishes the tabular teacher next to it, ``bird datasets push`` / ``bird teachers push`` upload
+both into the tenant's space in the moto S3 server's bucket the API reads, and the job goes
+through real HTTP, PostgreSQL and ``workers.runner.Worker``. The data are small (a few hundred
+rows, one epoch) so the two jobs take about a minute each on two cores.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from typer.testing import CliRunner
 
 from bird_core.checkpoint import load_student
 from bird_core.train import evaluate
+from bird_datasets.location import tenant_prefix
 from cli.app import app
 from service.client import BirdClient
+from service.storage import join_key
 from tests.integration.api_fixtures import LiveAPI
 from workers.datasets import load_splits
 from workers.runner import Worker
@@ -33,8 +36,11 @@ METRICS = ("auroc", "f1", "accuracy", "delta_mean_deo", "delta_max_deo")
 
 @pytest.fixture
 def cli_env(live_api: LiveAPI, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
-    """A CLI runner whose BIRD_* settings point at the API's S3 server."""
+    """A CLI runner whose BIRD_* settings point at the API's S3 server, and whose
+    ``bird ... push`` talks to the API with the tenant's key."""
     settings = live_api.settings
+    monkeypatch.setenv("BIRD_URL", live_api.base_url)
+    monkeypatch.setenv("BIRD_API_KEY", live_api.api_key)
     monkeypatch.setenv("BIRD_S3_ENDPOINT_URL", settings.s3_endpoint_url or "")
     monkeypatch.setenv("BIRD_S3_REGION", settings.s3_region)
     monkeypatch.setenv("BIRD_S3_ACCESS_KEY_ID", settings.s3_access_key_id.get_secret_value())  # type: ignore[union-attr]
@@ -66,7 +72,8 @@ def _assert_best_reproduces_the_test_metrics(
     client: BirdClient, job_id: int, live_api: LiveAPI, prefix: str, tmp_path: Path
 ) -> None:
     student = load_student(client.download_checkpoint(job_id, "best", tmp_path / "best"))
-    splits = load_splits(live_api.store, prefix)
+    # The pushed dataset, where the tenant's name resolves in the deployment's store.
+    splits = load_splits(live_api.store, join_key(tenant_prefix(live_api.tenant_id), prefix))
     again = evaluate(student.model, student.preprocess, splits.test, splits.task)
     reported = client.metrics(job_id)["latest"]["test"]
     for name in METRICS:
@@ -95,18 +102,23 @@ def test_an_imported_table_trains_through_the_service(
 ) -> None:
     table = tmp_path / "people.csv"
     _write_people_csv(table)
-    dataset = live_api.store.uri("datasets/people")
+    # Imported and trained on the user's machine, then pushed into the tenant's space.
+    dataset = str(tmp_path / "people-data")
     out = _bird(
         cli_env, "datasets", "import", "table", str(table), "--out", dataset,
         "--label", "income", "--group", "sex",
     )  # fmt: skip
     assert "imported, validated: OK" in out and "8 features, 2 classes, 2 groups" in out
-    teacher = live_api.store.uri("teachers/people-mlp")
+    teacher = str(tmp_path / "people-mlp")
     out = _bird(
         cli_env, "teachers", "train", "--dataset", dataset, "--out", teacher,
         "--arch", "mlp", "--epochs", "2", "--batch-size", "64",
     )  # fmt: skip
     assert "published teacher mlp" in out
+    out = _bird(cli_env, "datasets", "push", dataset, "--name", "people")
+    assert "as datasets/people" in out, out
+    out = _bird(cli_env, "teachers", "push", teacher, "--name", "people-mlp")
+    assert "as teachers/people-mlp" in out, out
 
     client = BirdClient(live_api.base_url, live_api.api_key)
     spec = {
@@ -150,9 +162,11 @@ def test_an_imported_image_folder_trains_through_the_service(
     live_api: LiveAPI, worker_thread: Worker, cli_env: CliRunner, tmp_path: Path
 ) -> None:
     labels = _write_image_folder(tmp_path / "fruit")
-    dataset = live_api.store.uri("datasets/fruit")
+    dataset = str(tmp_path / "fruit-data")
     out = _bird(cli_env, "datasets", "import", "images", str(labels), "--out", dataset)
     assert "imported, validated: OK: 48 rows" in out and "images 3x16x16" in out
+    out = _bird(cli_env, "datasets", "push", dataset, "--name", "fruit")
+    assert "as datasets/fruit" in out, out
 
     client = BirdClient(live_api.base_url, live_api.api_key)
     spec = {

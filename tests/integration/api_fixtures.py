@@ -52,7 +52,8 @@ from tests.integration.db_fixtures import _admin_engine, pg_schema_url
 S3_KEY_ID = "testing"
 S3_SECRET = "testing"
 S3_REGION = "us-east-1"
-TINY_DATASET_PREFIX = "datasets/tiny"
+# Published by the operator for every tenant (read-only shared data).
+TINY_DATASET_PREFIX = "shared/datasets/tiny"
 # Environment that keeps every AWS SDK in the process on the fake credentials (see conftest's
 # aws_isolated_env; that fixture is function-scoped, these servers live for a module).
 _AWS_ENV = {
@@ -65,14 +66,20 @@ _AWS_UNSET = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPO
 
 
 @contextmanager
-def serve(app: Any, startup_timeout_s: float = 20.0) -> Iterator[str]:
+def serve(app: Any, startup_timeout_s: float = 20.0, *, access_log: bool = False) -> Iterator[str]:
     """Run ``app`` under uvicorn in a thread on 127.0.0.1 and a free port; yield its base URL.
 
     Port 0 lets the OS pick the port at bind time; the bound port is read back from the
-    server's socket. The server is stopped (lifespan shutdown included) on exit.
+    server's socket. The server is stopped (lifespan shutdown included) on exit. With
+    ``access_log``, uvicorn logs every request at info level as ``bird serve`` does.
     """
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, log_level="warning", access_log=False, lifespan="on"
+        app,
+        host="127.0.0.1",
+        port=0,
+        log_level="info" if access_log else "warning",
+        access_log=access_log,
+        lifespan="on",
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)

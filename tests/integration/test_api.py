@@ -150,16 +150,22 @@ def test_submit_then_get(http: httpx.Client, tiny_dataset: str) -> None:
     assert fetched.json() == job
 
 
-def test_submit_accepts_full_s3_uri_and_rejects_missing_local_path(
+def test_a_multi_tenant_deployment_refuses_full_uris_whatever_they_name(
     live_api: LiveAPI, http: httpx.Client, tiny_dataset: str
 ) -> None:
+    # The default: even the deployment's own bucket is refused as a full URI (it would reach
+    # every tenant's prefix); an existing and a missing location get the same kind of answer.
     full_uri = live_api.store.uri(tiny_dataset)
     assert full_uri.startswith("s3://")
-    assert submit(http, full_uri)["dataset"] == full_uri
-    missing = "/nonexistent/bird/datasets/x"
-    response = http.post("/jobs", json=job_spec(missing))
-    message = errors(response)[("body", "dataset", "uri")]
-    assert missing in message and "does not exist" in message
+    for uri in (full_uri, "/nonexistent/bird/datasets/x", f"{full_uri}-missing"):
+        message = errors(http.post("/jobs", json=job_spec(uri)))[("body", "dataset", "uri")]
+        assert message == (
+            f"dataset URI {uri!r} is refused: name one of your own (datasets/<name>) or a "
+            "shared one (shared/...); absolute paths, file:// and s3:// URIs are not accepted "
+            "by this deployment"
+        )
+    assert http.get("/jobs").json()["total"] == 0
+    assert submit(http, tiny_dataset)["dataset"] == tiny_dataset
 
 
 def test_list_filters_by_state_and_pages_newest_first(
@@ -373,10 +379,14 @@ def test_spec_errors_are_field_level(http: httpx.Client, tiny_dataset: str) -> N
     ("uri", "expected"),
     [
         ("datasets/missing", "does not exist"),
-        ("gs://bucket/x", "unsupported scheme"),
+        ("shared/datasets/missing", "does not exist"),
         ("../etc", "invalid"),
-        ("s3://Not_A_Bucket/x", "not a valid S3 bucket name"),
-        ("s3://bird-no-such-bucket-here/x", "does not exist"),
+        # Outside the tenant's space: refused by the form alone, whatever is there.
+        ("gs://bucket/x", "is refused"),
+        ("s3://Not_A_Bucket/x", "is refused"),
+        ("s3://bird-no-such-bucket-here/x", "is refused"),
+        ("/etc/passwd", "is refused"),
+        ("file:///proc/self/environ", "is refused"),
     ],
 )
 def test_dataset_that_does_not_exist_is_422_naming_it(
@@ -390,8 +400,8 @@ def test_dataset_that_does_not_exist_is_422_naming_it(
 def test_a_manifest_that_is_not_a_dataset_is_422(live_api: LiveAPI, http: httpx.Client) -> None:
     from service.storage import publish
 
-    publish(live_api.store, "features/x", {"a.bin": b"1"}, metadata={"format": "features"})
-    message = errors(http.post("/jobs", json=job_spec("features/x")))[("body", "dataset", "uri")]
+    publish(live_api.store, "shared/x", {"a.bin": b"1"}, metadata={"format": "features"})
+    message = errors(http.post("/jobs", json=job_spec("shared/x")))[("body", "dataset", "uri")]
     assert "is not a bird dataset" in message and "metadata.format" in message
 
 
@@ -655,9 +665,9 @@ def test_checkpoints_on_a_local_store_are_served_by_the_api(
         stranger = api.headers(api.new_key().key)
         assert http.get(record["url"], headers=stranger).status_code == 404
         for key in (
-            "datasets/tiny/manifest.json",
+            "shared/datasets/tiny/manifest.json",
             f"jobs/{job_id}/nothing-here",
-            f"jobs/{job_id}/../../datasets/tiny/manifest.json",
+            f"jobs/{job_id}/../../shared/datasets/tiny/manifest.json",
             "jobs/x/checkpoints/best.tar",
         ):
             assert http.get(f"/files/{key}").status_code == 404, key

@@ -60,7 +60,7 @@ def test_upgrade_is_idempotent(backend: str, request: pytest.FixtureRequest) -> 
     url: URL = request.getfixturevalue(f"{'pg' if backend == 'postgresql' else 'sqlite'}_empty_url")
     assert current_revision(url) is None
     upgrade(url)
-    assert current_revision(url) == head_revision() == "0002_stage_waiting_for_resources"
+    assert current_revision(url) == head_revision() == "0003_fair_claim"
     upgrade(url)  # already at head: nothing to do, no error
     assert current_revision(url) == head_revision()
     engine = make_engine(url)

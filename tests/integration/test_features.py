@@ -15,7 +15,7 @@ import torch
 from bird_core.data import load_fashion_mnist_s
 from bird_core.preprocess import Preprocessor
 from bird_datasets.converters.fashion_mnist_s import prepare_fashion_mnist_s
-from service.storage import ChecksumMismatchError, ObjectStore, join_key
+from service.storage import ChecksumMismatchError, LocalStore, ObjectStore, join_key
 from tests.integration.train_fixtures import SIZES as TRAIN_SIZES
 from tests.integration.train_fixtures import (
     TrainData,
@@ -160,3 +160,41 @@ def test_concurrent_requests_publish_one_complete_set(ray_local, local_store):
     verify_features(local_store, published)
     for shard in published.shards:
         pq.read_table(io.BytesIO(local_store.get_bytes(shard)))
+
+
+def test_features_go_to_the_cache_store_keyed_by_content_never_into_the_dataset(
+    ray_local, tmp_path, monkeypatch: pytest.MonkeyPatch
+):
+    # The dataset's store (a tenant's upload, a shared dataset) is only read; the features
+    # land in the deployment's store, and the same content elsewhere finds them there.
+    data = LocalStore(tmp_path / "data")
+    cache = LocalStore(tmp_path / "cache")
+    preprocessing = _prepare(data)
+    before = {info.key: data.get_bytes(info.key) for info in data.list("")}
+    first = _precompute(data, preprocessing, cache_store=cache)
+    assert {info.key: data.get_bytes(info.key) for info in data.list("")} == before
+    assert first.prefix.startswith(FEATURES_PREFIX + "/")
+    assert cache.exists(join_key(first.prefix, "manifest.json"))
+    verify_features(cache, first)
+    assert {info.key.split("/")[0] for info in cache.list("")} == {FEATURES_PREFIX}
+
+    elsewhere = LocalStore(tmp_path / "elsewhere")
+    for info in data.list("datasets/fm"):
+        elsewhere.put_bytes(
+            "tenants/9/" + info.key, data.get_bytes(info.key)
+        )  # manifest order does not matter here: nothing reads it concurrently
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher ran although features of this content were cached")
+
+    monkeypatch.setattr(features_module, "compute_features", no_teacher)
+    second = precompute_features(
+        elsewhere,
+        "tenants/9/datasets/fm",
+        TEACHER,
+        dataset_preprocessing=preprocessing,
+        batch_size=64,
+        probe_epochs=3,
+        cache_store=cache,
+    )
+    assert second.key == first.key and second.manifest == first.manifest

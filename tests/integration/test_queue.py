@@ -564,6 +564,165 @@ def test_upsert_trial(db_session: Session, running: Job) -> None:
     assert kept.checkpoint_uri == "s3://b/trial-0" and kept.state == "done"
 
 
+# --- fair sharing between tenants ----------------------------------------------------------
+
+
+def new_tenant(session: Session, name: str) -> int:
+    tenant = Tenant(name=name)
+    session.add(tenant)
+    session.commit()
+    return tenant.id
+
+
+def claim_all(session: Session, **limits: int) -> list[int]:
+    """Claim until nothing is claimable; the ids in claim order."""
+    order: list[int] = []
+    while (job := queue.claim(session, "w", LEASE_S, **limits)) is not None:
+        order.append(job.id)
+    return order
+
+
+def test_priority_orders_a_tenants_own_jobs_only(db_session: Session) -> None:
+    a, b = new_tenant(db_session, "a"), new_tenant(db_session, "b")
+    a_jobs = [queue.submit(db_session, a, {"n": n}).id for n in range(3)]
+    # b comes later and asks for the highest priority: it gets its turns, not the whole queue.
+    b_jobs = [queue.submit(db_session, b, {"n": n}, priority=100).id for n in range(3)]
+    assert claim_all(db_session) == [
+        a_jobs[0], b_jobs[0], a_jobs[1], b_jobs[1], a_jobs[2], b_jobs[2]
+    ]  # fmt: skip
+
+
+def test_the_claim_is_fair_across_three_tenants(db_session: Session) -> None:
+    a, b, c = (new_tenant(db_session, name) for name in "abc")
+    # a runs two jobs and b one; c runs none.
+    running_a = [queue.submit(db_session, a, {"run": n}).id for n in range(2)]
+    assert claim_all(db_session) == running_a
+    running_b = queue.submit(db_session, b, {"run": 0}).id
+    assert claim_all(db_session) == [running_b]
+
+    a1, a2 = (queue.submit(db_session, a, {"n": n}).id for n in range(2))
+    b1, b2 = (queue.submit(db_session, b, {"n": n}).id for n in range(2))
+    c1, c2 = (queue.submit(db_session, c, {"n": n}).id for n in range(2))
+    c3 = queue.submit(db_session, c, {"n": 3}, priority=5).id  # c's own urgent job
+    # The tenant with the fewest running jobs first (c, which takes its urgent job first); at
+    # equal shares the older job goes first (b1 before c1, a1 before b2 before c2); a's jobs
+    # wait until every other tenant runs as many as a does.
+    assert claim_all(db_session) == [c3, b1, c1, a1, b2, c2, a2]
+    assert [(t, f, to) for t, f, to, _ in events(db_session, c3)] == [
+        ("submit", None, "queued"),
+        ("claim", "queued", "running"),
+    ]
+
+
+def test_a_long_queue_is_claimed_in_order_and_a_newcomer_gets_its_turn(
+    db_session: Session,
+) -> None:
+    # More queued jobs than a claim ranks per tenant on PostgreSQL (32): later ones move up.
+    a, b = new_tenant(db_session, "a"), new_tenant(db_session, "b")
+    a_jobs = [queue.submit(db_session, a, {"n": n}, priority=n % 2).id for n in range(45)]
+    b_job = queue.submit(db_session, b, {"n": 0}).id
+    by_priority = [job for n, job in enumerate(a_jobs) if n % 2] + [
+        job for n, job in enumerate(a_jobs) if not n % 2
+    ]
+    assert claim_all(db_session) == [by_priority[0], b_job, *by_priority[1:]]
+
+
+def test_a_tenants_running_limit_holds_its_jobs_back(db_session: Session) -> None:
+    a, b = new_tenant(db_session, "a"), new_tenant(db_session, "b")
+    a_jobs = [queue.submit(db_session, a, {"n": n}).id for n in range(4)]
+    b_jobs = [queue.submit(db_session, b, {"n": n}).id for n in range(3)]
+    # Two running jobs per tenant at most: a and b take turns until both run two.
+    assert claim_all(db_session, max_running_per_tenant=2) == [
+        a_jobs[0], b_jobs[0], a_jobs[1], b_jobs[1]
+    ]  # fmt: skip
+    assert queue.claim(db_session, "w", LEASE_S, max_running_per_tenant=2) is None
+    # One of a's jobs ends: a may run another; a cancelling job still holds its place.
+    queue.finish(db_session, a_jobs[0], "w")
+    queue.cancel(db_session, b_jobs[0], b)
+    assert claim_all(db_session, max_running_per_tenant=2) == [a_jobs[2]]
+    # Without a limit the rest is claimed.
+    assert claim_all(db_session) == [a_jobs[3], b_jobs[2]]
+    with pytest.raises(ValueError, match="max_running_per_tenant"):
+        queue.claim(db_session, "w", LEASE_S, max_running_per_tenant=0)
+
+
+def test_the_queued_limit_refuses_and_stores_nothing(
+    db_session: Session, db_tenant_id: int
+) -> None:
+    jobs = [queue.submit(db_session, db_tenant_id, SPEC, max_queued=3).id for _ in range(3)]
+
+    def stored() -> tuple[int, int]:
+        return (
+            db_session.scalar(select(func.count()).select_from(Job)),
+            db_session.scalar(select(func.count()).select_from(JobEvent)),
+        )
+
+    before = stored()
+    with pytest.raises(queue.QueueFull, match="3 queued"):
+        queue.submit(db_session, db_tenant_id, SPEC, max_queued=3)
+    with pytest.raises(queue.QueueFull):
+        queue.check_queue_room(db_session, db_tenant_id, 3)
+    assert stored() == before
+    # Only queued jobs count: once one runs, there is room again.
+    assert queue.claim(db_session, "w", LEASE_S).id == jobs[0]
+    queue.check_queue_room(db_session, db_tenant_id, 3)
+    queue.submit(db_session, db_tenant_id, SPEC, max_queued=3, idempotency_key="k")
+    # A replayed idempotent submit returns its job even when the queue is full.
+    again = queue.submit(db_session, db_tenant_id, SPEC, max_queued=3, idempotency_key="k")
+    assert fresh(db_session, again.id).idempotency_key == "k"
+    # Another tenant has its own limit.
+    other = new_tenant(db_session, "other")
+    queue.submit(db_session, other, SPEC, max_queued=3)
+
+
+def test_concurrent_submits_never_exceed_the_queued_limit(
+    db_engine: Engine, db_tenant_id: int
+) -> None:
+    factory = session_factory(db_engine)
+    barrier = threading.Barrier(6)
+    accepted: list[int] = []
+    refused: list[queue.QueueFull] = []
+    errors: list[BaseException] = []
+
+    def submit_many() -> None:
+        try:
+            with factory() as session:
+                barrier.wait()
+                for _ in range(8):
+                    try:
+                        accepted.append(queue.submit(session, db_tenant_id, SPEC, max_queued=20).id)
+                    except queue.QueueFull as full:
+                        refused.append(full)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=submit_many) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert (len(accepted), len(refused)) == (20, 28)
+    with factory() as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 20
+        assert session.scalar(select(func.count()).select_from(JobEvent)) == 20
+
+
+def test_job_ids_are_random_and_a_taken_id_is_drawn_again(
+    db_session: Session, db_tenant_id: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = [queue.submit(db_session, db_tenant_id, {"n": n}).id for n in range(40)]
+    assert all(1 <= job_id <= queue.JOB_ID_MAX for job_id in ids)
+    # Sequential ids would be sorted and dense; 40 random draws are neither.
+    assert ids != sorted(ids) and max(ids) - min(ids) > 10_000
+    # Make the next draw hit an id that exists: the submit draws again and succeeds.
+    draws = iter([ids[0] - 1, 12345 - 1])
+    monkeypatch.setattr(queue.secrets, "randbelow", lambda _bound: next(draws))
+    if 12345 not in ids:
+        assert queue.submit(db_session, db_tenant_id, {"n": "again"}).id == 12345
+    assert fresh(db_session, ids[0]).spec == {"n": 0}
+
+
 # --- fencing: writes of a stale attempt ------------------------------------------------------
 
 

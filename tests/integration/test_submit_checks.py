@@ -2,9 +2,10 @@
 cannot run on its dataset is a 422 naming the field and the fix, and no job is queued.
 
 The datasets and the teachers are real artifact sets in the API's store: the tiny image
-dataset of the API tests, a tabular one, and teachers published the way
-``bird teachers train`` publishes them (their record is what the API reads; the weights are
-never loaded at submit).
+dataset of the API tests (shared), a tabular one and a tabular teacher in the tenant's own space,
+and a shared teacher, published the way ``bird teachers train`` publishes them (their record is
+what the API reads, found where the tenant's names resolve; the weights are never loaded at
+submit).
 """
 
 from __future__ import annotations
@@ -18,16 +19,19 @@ import numpy as np
 import pytest
 
 from bird_datasets.format import DatasetMeta
+from bird_datasets.location import tenant_prefix
 from bird_datasets.writer import DatasetArrays, write_dataset
-from service.storage import ObjectStore, publish
-from tests.integration.api_fixtures import LiveAPI
+from service.storage import ObjectStore, join_key, publish
+from tests.integration.api_fixtures import TINY_DATASET_PREFIX, LiveAPI
 
+# The tenant's own dataset and teacher (names in its space), and shared data.
 TABULAR = "datasets/tabular-11"
 TEACHER_TABULAR = "teachers/tabular-mlp"
-TEACHER_FIVE_CLASSES = "teachers/five-classes"
+TEACHER_FIVE_CLASSES = "shared/teachers/five-classes"
+TINY = TINY_DATASET_PREFIX
 
 
-def _publish_tabular(store: ObjectStore) -> None:
+def _publish_tabular(store: ObjectStore, prefix: str) -> None:
     """Eleven numeric features, a binary label, two groups (an Adult-like table)."""
     meta = DatasetMeta(
         name="tabular-11", task="multiclass", input="tabular", num_classes=2, num_groups=2,
@@ -40,7 +44,7 @@ def _publish_tabular(store: ObjectStore) -> None:
             label=np.array([0, 1, 0, 1]), group=np.array([0, 0, 1, 1]), x=rng.normal(size=(4, 11))
         )
 
-    write_dataset(store, TABULAR, splits={s: split() for s in ("train", "val", "test")}, meta=meta)
+    write_dataset(store, prefix, splits={s: split() for s in ("train", "val", "test")}, meta=meta)
 
 
 def _publish_teacher(store: ObjectStore, prefix: str, record: dict[str, Any]) -> None:
@@ -54,18 +58,17 @@ def _publish_teacher(store: ObjectStore, prefix: str, record: dict[str, Any]) ->
 
 @pytest.fixture
 def http(live_api: LiveAPI, tiny_dataset: str) -> Iterator[httpx.Client]:
-    """A client of the API, whose store holds the tiny image dataset, a tabular dataset and
-    two published teachers."""
+    """A client of the API for a fresh tenant, whose space holds a tabular dataset and a
+    tabular teacher; the shared space holds the tiny image dataset and a five-class teacher."""
     store = live_api.store
-    if not store.exists(f"{TABULAR}/manifest.json"):
-        _publish_tabular(store)
-    if not store.exists(f"{TEACHER_TABULAR}/manifest.json"):
-        tabular = {"kind": "tabular", "mean": [0.0] * 11, "std": [1.0] * 11}
-        _publish_teacher(
-            store,
-            TEACHER_TABULAR,
-            {"arch": "mlp", "num_classes": 2, "task": "multiclass", "preprocessing": tabular},
-        )
+    own = tenant_prefix(live_api.tenant_id)
+    _publish_tabular(store, join_key(own, TABULAR))
+    tabular = {"kind": "tabular", "mean": [0.0] * 11, "std": [1.0] * 11}
+    _publish_teacher(
+        store,
+        join_key(own, TEACHER_TABULAR),
+        {"arch": "mlp", "num_classes": 2, "task": "multiclass", "preprocessing": tabular},
+    )
     if not store.exists(f"{TEACHER_FIVE_CLASSES}/manifest.json"):
         image = {"kind": "image", "mean": [0.5] * 3, "std": [0.25] * 3}
         _publish_teacher(
@@ -116,98 +119,98 @@ BAD_SPECS: list[tuple[str, str, dict[str, Any], tuple[str, ...], tuple[str, ...]
     ),
     (
         "image dataset, the mlp student",
-        "datasets/tiny",
+        TINY,
         {"student": {"model": "mlp"}},
         ("student", "model"),
         ("takes tabular input", "small_cnn"),
     ),
     (
         "a width of 1e9",
-        "datasets/tiny",
+        TINY,
         {"student": {"model": "small_cnn", "options": {"width": 1e9}}},
         ("student", "options"),
         ("width must be an integer",),
     ),
     (
         "a width past its bound",
-        "datasets/tiny",
+        TINY,
         {"student": {"model": "small_cnn", "options": {"width": 1_000_000_000}}},
         ("student", "options"),
         ("width must lie in 1..4096",),
     ),
     (
         "a student over the parameter bound",
-        "datasets/tiny",
+        TINY,
         {"student": {"model": "small_cnn", "options": {"width": 4096}}},
         ("student", "options"),
         ("parameters", "BIRD_MAX_STUDENT_PARAMS", "smaller width"),
     ),
     (
         "an unknown student option",
-        "datasets/tiny",
+        TINY,
         {"student": {"model": "small_cnn", "options": {"depth": 3}}},
         ("student", "options"),
         ("unknown option(s) ['depth']", "valid options: width, embed_dim, in_channels"),
     ),
     (
         "a NUL in an option's name",
-        "datasets/tiny",
+        TINY,
         {"student": {"model": "small_cnn", "options": {"\x00": 1}}},
         ("student", "options"),
         ("unknown option(s)",),
     ),
     (
         "in_channels that are not the dataset's",
-        "datasets/tiny",
+        TINY,
         {"student": {"model": "small_cnn", "options": {"in_channels": 1}}},
         ("student", "options"),
         ("in_channels is 1", "3-channel", "leave it out"),
     ),
     (
         "a teacher with a different class count",
-        "datasets/tiny",
+        TINY,
         {"teacher": {"kind": "model", "weights_uri": TEACHER_FIVE_CLASSES}},
         ("teacher", "weights_uri"),
         ("predicts 5 classes", "has 2", "bird teachers train"),
     ),
     (
         "teacher weights that do not exist",
-        "datasets/tiny",
+        TINY,
         {"teacher": {"kind": "model", "arch": "resnet18", "weights_uri": "teachers/nothing"}},
         ("teacher", "weights_uri"),
         ("do not exist",),
     ),
     (
         "teacher weights outside the store",
-        "datasets/tiny",
+        TINY,
         {"teacher": {"kind": "model", "arch": "resnet18", "weights_uri": "s3://elsewhere/t"}},
         ("teacher", "weights_uri"),
-        ("outside the object store",),
+        ("is refused", "s3:// URIs are not accepted", "teachers/<name>"),
     ),
     (
         "an unknown timm architecture",
-        "datasets/tiny",
+        TINY,
         {"student": {"model": "timm:mobilenetv3_larg_100"}},
         ("student", "model"),
         ("unknown timm architecture", "close matches: timm:mobilenetv3_large_100"),
     ),
     (
         "an unknown torchvision architecture",
-        "datasets/tiny",
+        TINY,
         {"student": {"model": "tv:resnet5O"}},
         ("student", "model"),
         ("unknown torchvision architecture 'resnet5O'",),
     ),
     (
         "an unknown registry",
-        "datasets/tiny",
+        TINY,
         {"student": {"model": "keras:resnet50"}},
         ("student", "model"),
         ("unknown student model", "tv:<torchvision architecture>"),
     ),
     (
         "a fixed-size ViT on 8x8 images",
-        "datasets/tiny",
+        TINY,
         {"student": {"model": "tv:vit_b_16"}},
         ("student", "model"),
         ("only 224x224 images", "3x8x8 images"),
@@ -221,7 +224,7 @@ BAD_SPECS: list[tuple[str, str, dict[str, Any], tuple[str, ...], tuple[str, ...]
     ),
     (
         "BIRD's head step without an embedding layer",
-        "datasets/tiny",
+        TINY,
         {
             "student": {"model": "small_cnn", "options": {"embed_dim": None}},
             "method": {"name": "bird"},
@@ -231,7 +234,7 @@ BAD_SPECS: list[tuple[str, str, dict[str, Any], tuple[str, ...], tuple[str, ...]
     ),
     (
         "fewer adversary groups than the dataset has",
-        "datasets/tiny",
+        TINY,
         {"method": {"name": "ad", "options": {"num_groups": 1}}},
         ("method", "options"),
         (),
@@ -282,7 +285,7 @@ def test_tabular_defaults_resolve_to_the_mlp_student_with_the_datasets_features(
     # The published teacher's architecture is filled in from its record.
     assert stored["teacher"]["arch"] == "mlp"
     # Images get small_cnn with the dataset's channels.
-    image = http.post("/jobs", json=_spec("datasets/tiny")).json()["spec"]["student"]
+    image = http.post("/jobs", json=_spec(TINY)).json()["spec"]["student"]
     assert image == {
         "model": "small_cnn",
         "options": {"width": 16, "embed_dim": 64, "in_channels": 3},
@@ -290,7 +293,31 @@ def test_tabular_defaults_resolve_to_the_mlp_student_with_the_datasets_features(
 
 
 def test_a_deployable_architecture_is_accepted_by_name(http: httpx.Client) -> None:
-    spec = _spec("datasets/tiny", student={"model": "tv:mobilenet_v3_large"})
+    spec = _spec(TINY, student={"model": "tv:mobilenet_v3_large"})
     response = http.post("/jobs", json=spec)
     assert response.status_code == 201, response.text
     assert response.json()["spec"]["student"]["options"]["in_channels"] == 3
+
+
+def test_the_manifest_and_teacher_read_are_the_callers_own(
+    http: httpx.Client, live_api: LiveAPI
+) -> None:
+    """The same names from another tenant name nothing: the API reads the manifest and the
+    teacher record in the caller's space, and its answers never say where they are stored."""
+    other = live_api.headers(live_api.new_key().key)
+    spec = _spec(TABULAR, teacher=TABULAR_TEACHER)
+    refused = http.post("/jobs", json=spec, headers=other)
+    assert refused.status_code == 422, refused.text
+    found = {tuple(e["loc"]): e["msg"] for e in refused.json()["detail"]}
+    assert "does not exist" in found[("body", "dataset", "uri")], found
+    # With a shared dataset of its own kind, the other tenant's teacher name is still nothing.
+    teacher_only = _spec(TINY, teacher={"kind": "model", "arch": "mlp", **TABULAR_TEACHER})
+    refused = http.post("/jobs", json=teacher_only, headers=other)
+    assert refused.status_code == 422, refused.text
+    message = {tuple(e["loc"]): e["msg"] for e in refused.json()["detail"]}[
+        ("body", "teacher", "weights_uri")
+    ]
+    assert "do not exist" in message and TEACHER_TABULAR in message, message
+    assert "tenants/" not in message and "s3://" not in message, message
+    # The owner's submit of the same spec reads both and is queued.
+    assert http.post("/jobs", json=spec).status_code == 201

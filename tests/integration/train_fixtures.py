@@ -74,12 +74,17 @@ def precompute_fm_features(store: ObjectStore, preprocessing: dict, **kwargs: An
     )
 
 
-def copy_dataset_and_features(source: TrainData, target: ObjectStore) -> None:
-    """Copy the dataset and its published features (manifests last) into ``target``."""
-    for prefix in (DATASET_PREFIX, source.features.prefix):
+def copy_dataset_and_features(
+    source: TrainData, target: ObjectStore, dataset_prefix: str = DATASET_PREFIX
+) -> None:
+    """Copy the dataset (to ``dataset_prefix``) and its published features (manifests last)
+    into ``target``. Features are keyed by the dataset's content, so they are found wherever
+    the dataset lies."""
+    for prefix, to in ((DATASET_PREFIX, dataset_prefix), (source.features.prefix, None)):
         infos = sorted(source.store.list(prefix), key=lambda i: i.key.endswith("manifest.json"))
         for info in infos:
-            target.put_bytes(info.key, source.store.get_bytes(info.key))
+            key = info.key if to is None else to + info.key[len(prefix) :]
+            target.put_bytes(key, source.store.get_bytes(info.key))
 
 
 @pytest.fixture(scope="session")

@@ -61,6 +61,21 @@ def test_a_local_store_and_server_paths_are_not_shown(tmp_path: Path) -> None:
     assert str(tmp_path) not in text
 
 
+def test_a_tenants_own_space_reads_as_the_tenant_names_it(tmp_path: Path) -> None:
+    redact = Redactor.for_deployment(_s3_settings(tmp_path)).stripping(
+        "s3://bird-internal-7f3a/deploy/tenants/7/", "tenants/7/"
+    )
+    raw = (
+        "part s3://bird-internal-7f3a/deploy/tenants/7/datasets/fm/part-00000.parquet is corrupt; "
+        "key tenants/7/teachers/t/model.safetensors missing; "
+        "shared s3://bird-internal-7f3a/deploy/shared/datasets/x; other tenants/17/datasets/y"
+    )
+    assert redact(raw) == (
+        "part datasets/fm/part-00000.parquet is corrupt; key teachers/t/model.safetensors "
+        "missing; shared shared/datasets/x; other tenants/17/datasets/y"
+    )
+
+
 def test_summary_is_one_line_without_colour_codes_and_bounded(tmp_path: Path) -> None:
     redact = Redactor.for_deployment(Settings(data_dir=tmp_path))
     error = ValueError("\x1b[31mbad\x1b[0m value\n  in line two\n" + "x" * 2000)

@@ -21,13 +21,14 @@ from sqlalchemy import Connection, select
 from service import queue
 from service.api.deps import AppState, Caller, DbDep, StateDep, UnresolvableURI
 from service.api.routes.jobs import JOB_ID_MAX, JobId, owned_job_id
-from service.api.schemas import CheckpointPublic
+from service.api.schemas import CheckpointPublic, error_responses
 from service.models import Checkpoint
 from service.storage import InvalidKeyError, LocalStore, ObjectStore, validate_key
 
 __all__ = ["router"]
 
-router = APIRouter(tags=["checkpoints"])
+# Every route: a key to check (401), path parameters to validate (422), a database to ask (503).
+router = APIRouter(tags=["checkpoints"], responses=error_responses(401, 422, 503))
 
 CheckpointName = Annotated[
     str, Path(min_length=1, max_length=200, description="best, last, or another name.")
@@ -73,7 +74,7 @@ def _checksum_headers(row: Checkpoint) -> dict[str, str]:
     "/jobs/{job_id}/checkpoints",
     response_model=list[CheckpointPublic],
     summary="List a job's checkpoints with download URLs",
-    responses={404: {"description": "No such job (or it belongs to another tenant)."}},
+    responses=error_responses(404),
 )
 async def list_checkpoints(
     job_id: JobId, request: Request, db: DbDep, state: StateDep
@@ -100,7 +101,7 @@ async def list_checkpoints(
     responses={
         200: {"description": "The archive (local store).", "content": {_TAR: {}}},
         307: {"description": "Redirect to a presigned S3 URL of the archive."},
-        404: {"description": "No such job or checkpoint, or the archive is missing."},
+        **error_responses(404, _404="No such job or checkpoint, or the archive is missing."),
     },
 )
 async def download_checkpoint(
@@ -161,8 +162,11 @@ def _job_of_key(key: str) -> int | None:
     summary="A file of the local object store (local deployments only)",
     response_class=Response,
     responses={
-        200: {"description": "The file.", "content": {"application/octet-stream": {}}},
-        404: {"description": "No such file, not one of the caller's jobs, or an S3 store."},
+        200: {
+            "description": "The file.",
+            "content": {"application/octet-stream": {}, _TAR: {}},
+        },
+        **error_responses(404, _404="No such file, not one of the caller's jobs, or an S3 store."),
     },
 )
 async def get_file(key: str, db: DbDep, state: StateDep) -> Response:

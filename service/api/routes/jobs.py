@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Path, Query, Response, status
@@ -24,9 +25,16 @@ from sqlalchemy import Connection, and_, bindparam, func, select, true
 from sqlalchemy.orm import Session
 
 from bird_datasets.format import DatasetMeta, parse_metadata
-from bird_datasets.location import DatasetURIError
+from bird_datasets.location import (
+    DatasetURIError,
+    external_refused,
+    is_external_uri,
+    resolve_tenant_key,
+    tenant_prefix,
+)
 from service import queue
 from service.api.deps import AppState, Caller, DbDep, StateDep
+from service.api.edges import invalid_text_at
 from service.api.schemas import (
     EventPublic,
     GroupRow,
@@ -38,6 +46,7 @@ from service.api.schemas import (
     MetricPoint,
     MetricsPublic,
     TrialPublic,
+    error_responses,
     finite,
 )
 from service.compat import check_spec_against
@@ -58,11 +67,13 @@ from service.teachers import TeacherFacts, TeacherRecordError, read_teacher_fact
 
 __all__ = ["JOB_ID_MAX", "JobId", "check_dataset", "check_submission", "owned_job_id", "router"]
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+# Every route: a key to check (401), parameters or a body to validate (422), a database to ask
+# (503).
+router = APIRouter(prefix="/jobs", tags=["jobs"], responses=error_responses(401, 422, 503))
 
-# Job ids are 32-bit integers in the database; bounding the path parameter turns an absurd id
-# into a 422 instead of a database overflow error.
-JOB_ID_MAX = 2**31 - 1
+# Job ids are drawn from 1 ... 2**31 - 1 (the id column is 32-bit); bounding the path parameter
+# turns an absurd id into a 422 instead of a database overflow error.
+JOB_ID_MAX = queue.JOB_ID_MAX
 # Row ids of metrics and logs are 64-bit.
 ROW_ID_MAX = 2**63 - 1
 # One metrics response carries at most this many points; clients page with ?since=.
@@ -78,7 +89,7 @@ Since = Annotated[
     Query(ge=0, le=ROW_ID_MAX, description="Only rows with an id above this (incremental polls)."),
 ]
 
-_NOT_FOUND = {404: {"description": "No such job (or it belongs to another tenant)."}}
+_NOT_FOUND = error_responses(404)
 
 
 _JOB_ID = bindparam("job_id")
@@ -123,33 +134,30 @@ def _non_finite(value: Any, loc: tuple[str | int, ...] = ()) -> tuple[str | int,
     return None
 
 
-def check_dataset(state: AppState, uri: str) -> DatasetMeta:
-    """The metadata of the published bird dataset ``uri`` names; 422 (or 503 for an outage)
-    if there is none.
+def check_dataset(state: AppState, uri: str, tenant_id: int | None = None) -> DatasetMeta:
+    """The metadata of the published bird dataset ``uri`` names in the space of tenant
+    ``tenant_id`` (or a shared one); 422 (or 503 for an outage) if there is none.
 
     The dataset exists once its ``manifest.json`` does (``service.storage.publish`` writes it
-    last); its metadata must describe a bird dataset.
+    last); its metadata must describe a bird dataset. The messages name the dataset as the
+    caller wrote it and never where it is stored, and a name outside the caller's space is
+    refused by its form before anything is read, so no answer tells whether something exists
+    where the caller may not look.
     """
     loc = ("body", "dataset", "uri")
     try:
-        store, prefix = state.resolve_dataset(uri)
+        store, prefix = state.resolve_dataset(uri, tenant_id)
     except DatasetURIError as exc:
         raise _invalid(loc, str(exc), uri) from None
-    where = store.uri(prefix)
     manifest_key = join_key(prefix, MANIFEST_NAME)
     try:
         raw = store.get_bytes(manifest_key)
     except (ObjectNotFoundError, BucketNotFoundError, InvalidKeyError):
-        raise _invalid(
-            loc,
-            f"dataset {uri!r} does not exist: no manifest at {store.uri(manifest_key)} "
-            "(publish it with 'bird datasets prepare' or service.storage.publish)",
-            uri,
-        ) from None
+        raise _invalid(loc, dataset_missing(uri), uri) from None
     except StorageError as exc:
         # An outage is a 503: S3 not answering, or our own store refusing us. Anything about a
-        # location the user named (a local path that is a file, a bucket we may not read) is a
-        # problem with the request.
+        # location the user named (a local path that is a file, a bucket we may not read:
+        # only with allow_external_uris) is a problem with the request.
         if isinstance(store, LocalStore):
             outage = store is state.store and isinstance(exc, StorageAuthError)
         else:
@@ -158,49 +166,90 @@ def check_dataset(state: AppState, uri: str) -> DatasetMeta:
             raise HTTPException(
                 status.HTTP_503_SERVICE_UNAVAILABLE,
                 f"object store unavailable while checking dataset {uri!r}: {exc}",
+                headers={"Retry-After": "5"},
             ) from None
-        raise _invalid(loc, f"cannot read dataset {uri!r} at {where}: {exc}", uri) from None
+        raise _invalid(loc, f"cannot read dataset {uri!r}", uri) from None
     try:
         manifest = Manifest.model_validate_json(raw)
     except (ValidationError, ValueError):
         # The parser's message would quote the file; say what is wrong without echoing it.
-        raise _invalid(
-            loc, f"dataset {uri!r}: {store.uri(manifest_key)} is not a valid manifest", uri
-        ) from None
+        raise _invalid(loc, f"dataset {uri!r} has no valid manifest", uri) from None
     meta, problems = parse_metadata(manifest.metadata)
     if problems or meta is None:
         details = "; ".join(message for _, message in problems[:3])
-        raise _invalid(loc, f"{where} is not a bird dataset: {details}", uri)
+        raise _invalid(loc, f"dataset {uri!r} is not a bird dataset: {details}", uri)
     return meta
 
 
-def _teacher_facts(state: AppState, spec: JobSpec) -> TeacherFacts:
-    """What the spec's teacher says about itself (a published record is read from the store);
-    422 naming ``teacher.weights_uri`` when the weights cannot be found, 503 for an outage."""
+def dataset_missing(uri: str) -> str:
+    """The one answer for a dataset name that names nothing the caller may read."""
+    return (
+        f"dataset {uri!r} does not exist (upload one with 'bird datasets push' or "
+        "POST /datasets; shared ones are named shared/datasets/<name>)"
+    )
+
+
+def check_teacher_uri(state: AppState, uri: str | None) -> None:
+    """Refuse a ``teacher.weights_uri`` outside the tenant's space by its form (422)."""
+    if uri is None or state.settings.allow_external_uris or not is_external_uri(uri):
+        return
+    raise _invalid(
+        ("body", "teacher", "weights_uri"),
+        external_refused("teacher weights URI", uri, "teachers/<name>/model.safetensors"),
+        uri,
+    )
+
+
+def _tenant_names(state: AppState, tenant_id: int | None, text: str) -> str:
+    """``text`` with the deployment store's URIs written as the tenant names them: its own
+    resources relative to its space, shared ones as ``shared/...`` (never where they are
+    stored)."""
+    root = state.store.uri("").rstrip("/") + "/"
+    if tenant_id is not None:
+        text = text.replace(state.store.uri(tenant_prefix(tenant_id)).rstrip("/") + "/", "")
+    return text.replace(root, "")
+
+
+def _teacher_facts(state: AppState, spec: JobSpec, tenant_id: int | None) -> TeacherFacts:
+    """What the spec's teacher says about itself (a published record is read from the store,
+    in the space of tenant ``tenant_id``); 422 naming ``teacher.weights_uri`` when the weights
+    cannot be found, 503 for an outage."""
     teacher = spec.teacher
+    uri = teacher.weights_uri
+    loc = ("body", "teacher", "weights_uri")
+    key = uri
+    if uri is not None and not is_external_uri(uri):
+        try:
+            key = resolve_tenant_key(uri, tenant_id)
+        except InvalidKeyError as exc:
+            raise _invalid(loc, f"invalid teacher weights URI {uri!r}: {exc}", uri) from None
     try:
-        return read_teacher_facts(state.store, teacher.kind, teacher.arch, teacher.weights_uri)
-    except TeacherRecordError as exc:
-        raise _invalid(("body", "teacher", "weights_uri"), str(exc), teacher.weights_uri) from None
-    except (ObjectNotFoundError, BucketNotFoundError, InvalidKeyError) as exc:
-        raise _invalid(("body", "teacher", "weights_uri"), str(exc), teacher.weights_uri) from None
+        facts = read_teacher_facts(state.store, teacher.kind, teacher.arch, key)
+    except (TeacherRecordError, ObjectNotFoundError, BucketNotFoundError, InvalidKeyError) as exc:
+        raise _invalid(loc, _tenant_names(state, tenant_id, str(exc)), uri) from None
     except StorageError as exc:
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,
-            f"object store unavailable while reading teacher {teacher.weights_uri!r}: {exc}",
+            f"object store unavailable while reading teacher {uri!r}: {exc}",
+            headers={"Retry-After": "5"},
         ) from None
+    if facts.uri is not None:
+        facts = replace(facts, uri=_tenant_names(state, tenant_id, facts.uri))
+    return facts
 
 
-def check_submission(state: AppState, spec: JobSpec) -> JobSpec:
-    """The spec resolved for its dataset and teacher, or a 422 listing every problem.
+def check_submission(state: AppState, spec: JobSpec, tenant_id: int | None = None) -> JobSpec:
+    """The spec resolved for its dataset and teacher (names in the space of tenant
+    ``tenant_id``), or a 422 listing every problem.
 
     Reads the dataset's manifest and the teacher's published record, then
     :func:`service.compat.check_spec_against` fills in the defaults that depend on them and
     checks teacher, student and method against the data: nothing that can be known here
-    reaches a worker.
+    reaches a worker. The stored spec keeps the names as the tenant wrote them.
     """
-    meta = check_dataset(state, spec.dataset.uri)
-    teacher = _teacher_facts(state, spec)
+    check_teacher_uri(state, spec.teacher.weights_uri)
+    meta = check_dataset(state, spec.dataset.uri, tenant_id)
+    teacher = _teacher_facts(state, spec, tenant_id)
     checked = check_spec_against(
         spec, meta, teacher, max_student_params=state.settings.max_student_params
     )
@@ -220,10 +269,16 @@ def check_submission(state: AppState, spec: JobSpec) -> JobSpec:
     response_model=JobPublic,
     summary="Submit a job",
     responses={
-        200: {"description": "Idempotent replay: this Idempotency-Key already made this job."},
-        409: {"description": "The Idempotency-Key was used before with a different spec."},
-        422: {"description": "Invalid spec (field-level errors), or the dataset does not exist."},
-        503: {"description": "The object store could not be reached to check the dataset."},
+        200: {
+            "model": JobPublic,
+            "description": "Idempotent replay: this Idempotency-Key already made this job.",
+        },
+        **error_responses(
+            400,
+            409,
+            429,
+            _409="The Idempotency-Key was used before with a different spec.",
+        ),
     },
 )
 async def submit_job(
@@ -237,8 +292,12 @@ async def submit_job(
             alias="Idempotency-Key",
             min_length=1,
             max_length=200,
+            # Printable ASCII: a header's bytes reach the app as Latin-1, and anything else
+            # would be stored as something other than what the client meant.
+            pattern=r"^[ -~]+$",
             description="Repeat a submit safely: the same key and spec return the same job "
-            "(200); the same key with another spec is a 409.",
+            "(200); the same key with another spec is a 409. 1 … 200 printable ASCII "
+            "characters.",
         ),
     ] = None,
 ) -> JobPublic:
@@ -252,6 +311,17 @@ async def submit_job(
     bad = _non_finite(spec_python)
     if bad is not None:
         raise _invalid(("body", *bad), "NaN and infinities are not allowed", None)
+    bad = invalid_text_at(spec_python)
+    if bad is not None:
+        raise _invalid(
+            ("body", *bad),
+            "text must be valid Unicode: a lone UTF-16 surrogate (such as \\ud800) has no "
+            "UTF-8 encoding",
+            None,
+        )
+    # Refused by its form before anything is read or the database is asked.
+    check_teacher_uri(state, spec.teacher.weights_uri)
+    max_queued = state.settings.max_queued_per_tenant
 
     def work(session: Session, caller: Caller) -> JobPublic:
         existing = None
@@ -261,11 +331,16 @@ async def submit_job(
                     Job.tenant_id == caller.tenant_id, Job.idempotency_key == idempotency_key
                 )
             ).one_or_none()
-            # End the read transaction (and hand the connection back while the dataset is
-            # checked): submit() runs its own.
+        if existing is None:
+            # A full queue is refused before the checks cost round trips to the store (submit()
+            # enforces the limit again, atomically). This also ends the read transaction,
+            # handing the connection back while the dataset and teacher are checked.
+            queue.check_queue_room(session, caller.tenant_id, max_queued)
+        else:
+            # A replay is answered even when the queue is full; end the read transaction.
             session.rollback()
         # The stored spec is the resolved one: what the dataset and teacher fill in included.
-        spec_json = check_submission(state, spec).model_dump(mode="json")
+        spec_json = check_submission(state, spec, caller.tenant_id).model_dump(mode="json")
         if existing is not None:
             if existing.spec != spec_json:
                 raise queue.IdempotencyConflict(
@@ -282,6 +357,7 @@ async def submit_job(
             priority=spec.priority,
             max_attempts=spec.max_attempts,
             idempotency_key=idempotency_key,
+            max_queued=max_queued,
         )
         return JobPublic.from_job(job)
 
@@ -306,7 +382,11 @@ async def list_jobs(
             where.append(Job.state == state)
         total = connection.scalar(select(func.count()).select_from(Job).where(*where)) or 0
         rows = connection.execute(
-            select(Job.__table__).where(*where).order_by(Job.id.desc()).limit(limit).offset(offset)
+            select(Job.__table__)
+            .where(*where)
+            .order_by(Job.created_at.desc(), Job.id.desc())
+            .limit(limit)
+            .offset(offset)
         ).all()
         items = [JobPublic.from_job(row) for row in rows]
         return JobList(items=items, total=total, limit=limit, offset=offset)
@@ -333,9 +413,11 @@ async def get_job(job_id: JobId, db: DbDep) -> JobPublic:
     response_model=JobPublic,
     summary="Cancel a job",
     responses={
-        **_NOT_FOUND,
-        202: {"description": "The job is running: now cancelling, its worker will stop it."},
-        409: {"description": "The job already finished."},
+        202: {
+            "model": JobPublic,
+            "description": "The job is running: now cancelling, its worker will stop it.",
+        },
+        **error_responses(404, 409, _409="The job already finished."),
     },
 )
 async def cancel_job(job_id: JobId, response: Response, db: DbDep) -> JobPublic:
