@@ -49,6 +49,7 @@ from sqlalchemy import (
     Update,
     any_,
     cast,
+    delete,
     func,
     insert,
     literal,
@@ -918,12 +919,16 @@ def record_metrics(
     rows: Iterable[Mapping[str, Any]],
     *,
     attempt: int | None = None,
+    replace_split: str | None = None,
 ) -> int:
     """Append metric points to the job's time series; return how many.
 
     Each row has ``split``, ``name`` and ``value`` and optionally ``trial``, ``epoch``, ``step``.
     NaN values are kept as NULL (a diverging loss is worth seeing); infinities are kept as such.
     With ``attempt``, the write is fenced (:class:`StaleAttempt`; see the module docstring).
+    With ``replace_split``, the job's earlier points of that split go in the same transaction:
+    for a result measured once per job (the test split), which an attempt that follows one
+    killed after recording it measures again.
     """
     points: list[dict[str, Any]] = []
     for row in rows:
@@ -952,6 +957,10 @@ def record_metrics(
         return 0
     with _transaction(session):
         _fence(session, job_id, attempt)
+        if replace_split is not None:
+            session.execute(
+                delete(Metric).where(Metric.job_id == job_id, Metric.split == replace_split)
+            )
         # Core insert: one executemany, with the timestamp taken from the database clock.
         session.execute(insert(Metric.__table__).values(at=_now(session)), points)
     return len(points)

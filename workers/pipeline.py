@@ -527,6 +527,8 @@ def _record_test_metrics(
                 job_id,
                 report_rows(test, "test", epoch=epoch, trial=None),
                 attempt=attempt,
+                # A job's test metrics once, even after an attempt killed while uploading.
+                replace_split="test",
             )
     finally:
         engine.dispose()

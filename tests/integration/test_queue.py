@@ -509,6 +509,22 @@ def test_record_metrics(db_session: Session, running: Job) -> None:
         queue.record_metrics(db_session, running.id, [{"split": "a", "name": "b", "value": "x"}])
 
 
+def test_record_metrics_replacing_a_split_keeps_one_set(db_session: Session, running: Job) -> None:
+    """The test split measured again by a later attempt replaces the first measurement."""
+    queue.record_metrics(db_session, running.id, [{"split": "val", "name": "auroc", "value": 1.0}])
+    for value in (80.0, 81.0):
+        queue.record_metrics(
+            db_session,
+            running.id,
+            [{"split": "test", "name": "auroc", "value": value}],
+            replace_split="test",
+        )
+    stored = db_session.execute(
+        select(Metric.split, Metric.value).where(Metric.job_id == running.id).order_by(Metric.id)
+    ).all()
+    assert stored == [("val", 1.0), ("test", 81.0)]
+
+
 def test_append_log(db_session: Session, running: Job) -> None:
     queue.append_log(db_session, running.id, "INFO", "precomputing teacher features")
     line = queue.append_log(db_session, running.id, "warning", "shard 2 retried")
