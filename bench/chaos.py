@@ -50,6 +50,7 @@ import ray
 from sqlalchemy import select
 
 from bird_datasets.converters.fashion_mnist_s import prepare_fashion_mnist_s
+from bird_datasets.fingerprint import dataset_fingerprint
 from service import queue
 from service.db import make_engine, session_factory, upgrade
 from service.models import Job, JobLog, Metric, Tenant
@@ -64,8 +65,9 @@ RESOURCE_WAIT_S = 60
 CANCEL_BOUND_RAY_S = HEARTBEAT_S + STOP_GRACE_S + 10
 CANCEL_BOUND_S = HEARTBEAT_S + 5
 TERMINAL = {"succeeded", "failed", "cancelled"}
-DATASET = "datasets/fm"
-FRESH_DATASET = "datasets/fm-fresh"  # features not cached: a precompute to interrupt
+# Operator-published (read-only to tenants) datasets, as `shared/` names resolve.
+DATASET = "shared/datasets/fm"
+FRESH_DATASET = "shared/datasets/fm-fresh"  # features not cached: a precompute to interrupt
 SIZES = {"train_size": 400, "test_size": 100, "val_fraction": 0.005}
 TEACHER = {"image_size": 32, "probe_epochs": 3}
 
@@ -558,17 +560,19 @@ class Bench:
         return job_id
 
     def _published_features(self) -> Any:
+        # Feature sets are keyed by content: the bench dataset's are the ones with its fingerprint.
+        dataset_sha, _ = dataset_fingerprint(self.stack.store, DATASET)
         for info in self.stack.store.list("features"):
             if info.key.endswith(MANIFEST_NAME):
                 key = info.key.split("/")[1]
                 found = find_features(self.stack.store, key)
-                if found is not None and found.metadata.get("dataset_prefix") == DATASET:
+                if found is not None and found.metadata.get("dataset_sha256") == dataset_sha:
                     return found
         raise RuntimeError("no published features of the bench dataset")
 
     def corrupt_part(self, row: Row) -> int:
         store = self.stack.store
-        prefix = "datasets/fm-corrupt"
+        prefix = "shared/datasets/fm-corrupt"
         for info in sorted(store.list(DATASET), key=lambda i: i.key.endswith("manifest.json")):
             data = bytearray(store.get_bytes(info.key))
             if info.key.endswith(".parquet"):

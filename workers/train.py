@@ -667,6 +667,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         store, directory, plan.checkpoint_base, "last"
                     ).as_dict()
                 metrics["checkpoints"] = published
+                # Tune refuses a trial's report without the search metric (and would fail the
+                # search being cancelled): a stop reports the run's best objective so far.
+                metrics["objective"] = best_score if math.isfinite(best_score) else -math.inf
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
                 break
             val = evaluate(
