@@ -7,15 +7,49 @@ an input file is wrong). No tracebacks.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NoReturn
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
 
 import typer
 
 if TYPE_CHECKING:
+    from service.client import BirdClient
     from service.settings import Settings
     from service.storage import ObjectStore
 
-__all__ = ["fail", "load_settings", "open_dataset_uri", "split_csv"]
+__all__ = [
+    "DEFAULT_URL",
+    "JsonOption",
+    "KeyOption",
+    "UrlOption",
+    "api_client",
+    "call_api",
+    "explain_and_exit",
+    "fail",
+    "load_settings",
+    "open_dataset_uri",
+    "split_csv",
+]
+
+T = TypeVar("T")
+
+# The options of every command that talks to a bird API server.
+DEFAULT_URL = "http://127.0.0.1:8000"
+UrlOption = Annotated[
+    str,
+    typer.Option("--url", envvar="BIRD_URL", help="Base URL of the bird API.", show_envvar=True),
+]
+KeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--key",
+        envvar="BIRD_API_KEY",
+        help="API key (bird keys create).",
+        show_default=False,
+        show_envvar=True,
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the server's JSON.")]
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -61,3 +95,37 @@ def open_dataset_uri(uri: str) -> tuple[ObjectStore, str]:
         return resolve_dataset_uri(uri, load_settings())
     except StorageError as exc:
         fail(str(exc), 2)
+
+
+def api_client(url: str, key: str | None) -> BirdClient:
+    """A client for the API at ``url`` with ``key``; a missing key or a bad URL exits 2."""
+    from service.client import BirdClient
+
+    if not key:
+        fail("no API key: pass --key or set BIRD_API_KEY", 2)
+    if not url.startswith(("http://", "https://")):
+        fail(f"--url must be an http:// or https:// URL, got {url!r}", 2)
+    return BirdClient(url, key)
+
+
+def explain_and_exit(exc: Exception) -> NoReturn:
+    """Exit with one line saying what went wrong: the server's detail for an HTTP error."""
+    from service.client import BirdAPIError
+
+    if isinstance(exc, BirdAPIError):
+        from service.client import format_detail
+
+        fail(f"{format_detail(exc.detail)} (HTTP {exc.status})")
+    if isinstance(exc, OSError) and exc.filename:  # the download directory, say
+        fail(f"{exc.strerror or exc}: {exc.filename}")
+    fail(str(exc))
+
+
+def call_api(action: Callable[[], T]) -> T:
+    """Run a client call; any client error becomes one line and exit status 1."""
+    from service.client import BirdError
+
+    try:
+        return action()
+    except (BirdError, OSError) as exc:
+        explain_and_exit(exc)

@@ -15,8 +15,17 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from cli.common import fail, open_dataset_uri, split_csv
-from cli.jobs import DEFAULT_URL, JsonOption, KeyOption, UrlOption, _call, _client
+from cli.common import (
+    DEFAULT_URL,
+    JsonOption,
+    KeyOption,
+    UrlOption,
+    api_client,
+    call_api,
+    fail,
+    open_dataset_uri,
+    split_csv,
+)
 
 if TYPE_CHECKING:
     from bird_datasets.converters import Converter, ConverterOption
@@ -251,8 +260,8 @@ def datasets_push(
     if not report.ok:
         typer.echo(report.summary(), err=True)
         fail(f"{directory} is not a valid bird dataset; nothing was uploaded", 1)
-    with _client(url, key) as client:
-        row = _call(lambda: client.push_dataset(root, name))
+    with api_client(url, key) as client:
+        row = call_api(lambda: client.push_dataset(root, name))
     typer.echo(f"pushed {directory} as {row['uri']}: {row['files']} file(s), {row['size']} bytes")
 
 
@@ -261,8 +270,8 @@ def datasets_list(
     url: UrlOption = DEFAULT_URL, key: KeyOption = None, as_json: JsonOption = False
 ) -> None:
     """Your datasets on the server, then the shared ones."""
-    with _client(url, key) as client:
-        rows = _call(client.list_datasets)
+    with api_client(url, key) as client:
+        rows = call_api(client.list_datasets)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -277,8 +286,8 @@ def datasets_delete(
     key: KeyOption = None,
 ) -> None:
     """Delete one of your datasets on the server."""
-    with _client(url, key) as client:
-        _call(lambda: client.delete_dataset(name))
+    with api_client(url, key) as client:
+        call_api(lambda: client.delete_dataset(name))
     typer.echo(f"deleted datasets/{name}")
 
 

@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any
 
 import typer
 
-from cli.common import fail
-
-if TYPE_CHECKING:
-    from service.client import BirdClient
+from cli.common import (
+    DEFAULT_URL,
+    JsonOption,
+    KeyOption,
+    UrlOption,
+    api_client,
+    call_api,
+    explain_and_exit,
+    fail,
+)
 
 __all__ = ["TERMINAL_STATES", "jobs_app", "load_spec"]
 
@@ -35,59 +41,7 @@ SUMMARY_METRICS = ("auroc", "accuracy", "f1", "delta_mean_deo", "delta_max_deo")
 # `watch` rides out an API restart this long before giving up.
 WATCH_RECONNECT_S = 30.0
 
-T = TypeVar("T")
-
-UrlOption = Annotated[
-    str,
-    typer.Option("--url", envvar="BIRD_URL", help="Base URL of the bird API.", show_envvar=True),
-]
-KeyOption = Annotated[
-    str | None,
-    typer.Option(
-        "--key",
-        envvar="BIRD_API_KEY",
-        help="API key (bird keys create).",
-        show_default=False,
-        show_envvar=True,
-    ),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print the server's JSON.")]
 JobIdArgument = Annotated[int, typer.Argument(help="The job's id.", min=1, show_default=False)]
-
-DEFAULT_URL = "http://127.0.0.1:8000"
-
-
-def _client(url: str, key: str | None) -> BirdClient:
-    from service.client import BirdClient
-
-    if not key:
-        fail("no API key: pass --key or set BIRD_API_KEY", 2)
-    if not url.startswith(("http://", "https://")):
-        fail(f"--url must be an http:// or https:// URL, got {url!r}", 2)
-    return BirdClient(url, key)
-
-
-def _explain(exc: Exception) -> NoReturn:
-    """Exit with one line saying what went wrong: the server's detail for an HTTP error."""
-    from service.client import BirdAPIError
-
-    if isinstance(exc, BirdAPIError):
-        from service.client import format_detail
-
-        fail(f"{format_detail(exc.detail)} (HTTP {exc.status})")
-    if isinstance(exc, OSError) and exc.filename:  # the download directory, say
-        fail(f"{exc.strerror or exc}: {exc.filename}")
-    fail(str(exc))
-
-
-def _call(action: Callable[[], T]) -> T:
-    """Run a client call; any client error becomes one line and exit status 1."""
-    from service.client import BirdError
-
-    try:
-        return action()
-    except (BirdError, OSError) as exc:
-        _explain(exc)
 
 
 def load_spec(path: Path) -> dict[str, Any]:
@@ -153,9 +107,9 @@ def submit(
 ) -> None:
     """Submit the job spec in SPEC_FILE; print the new job's id and state."""
     spec = load_spec(spec_file)
-    client = _client(url, key)
+    client = api_client(url, key)
     with client:
-        job = _call(lambda: client.submit(spec, idempotency_key=idempotency_key))
+        job = call_api(lambda: client.submit(spec, idempotency_key=idempotency_key))
     if as_json:
         typer.echo(json.dumps(job, indent=2))
         return
@@ -175,9 +129,9 @@ def list_jobs(
     as_json: JsonOption = False,
 ) -> None:
     """List your jobs, newest first."""
-    client = _client(url, key)
+    client = api_client(url, key)
     with client:
-        page = _call(lambda: client.list_jobs(state=state, limit=limit, offset=offset))
+        page = call_api(lambda: client.list_jobs(state=state, limit=limit, offset=offset))
     if as_json:
         typer.echo(json.dumps(page, indent=2))
         return
@@ -212,10 +166,10 @@ def show(
     as_json: JsonOption = False,
 ) -> None:
     """Show a job: state, progress, attempts, error and its latest metrics."""
-    client = _client(url, key)
+    client = api_client(url, key)
     with client:
-        job = _call(lambda: client.get_job(job_id))
-        metrics = _call(lambda: client.metrics(job_id, since=2**63 - 1))
+        job = call_api(lambda: client.get_job(job_id))
+        metrics = call_api(lambda: client.metrics(job_id, since=2**63 - 1))
     if as_json:
         typer.echo(json.dumps({**job, "latest": metrics["latest"]}, indent=2))
         return
@@ -260,7 +214,7 @@ def watch(
     from cli.progress import JobBars
     from service.client import BirdConnectionError, BirdError
 
-    client = _client(url, key)
+    client = api_client(url, key)
     started = time.monotonic()
     since: int | None = None
     latest: dict[str, Any] = {}
@@ -284,7 +238,7 @@ def watch(
                 continue
             except BirdError as exc:
                 bars.stop()
-                _explain(exc)
+                explain_and_exit(exc)
             since = metrics["next_since"]
             latest = metrics["latest"]
             bars.update(label, job, _summary(latest.get("val")))
@@ -308,9 +262,9 @@ def watch(
 @jobs_app.command("cancel")
 def cancel(job_id: JobIdArgument, url: UrlOption = DEFAULT_URL, key: KeyOption = None) -> None:
     """Cancel a job: at once if queued; a running job's worker stops it shortly."""
-    client = _client(url, key)
+    client = api_client(url, key)
     with client:
-        job = _call(lambda: client.cancel(job_id))
+        job = call_api(lambda: client.cancel(job_id))
     if job["state"] == "cancelling":
         typer.echo(f"job {job_id} cancelling: its worker will stop it shortly")
     else:
@@ -328,7 +282,7 @@ def download(
     ] = Path("."),
 ) -> None:
     """Download a checkpoint, verify its sha256, and unpack it into OUT/NAME."""
-    client = _client(url, key)
+    client = api_client(url, key)
     with client:
-        target = _call(lambda: client.download_checkpoint(job_id, name, out))
+        target = call_api(lambda: client.download_checkpoint(job_id, name, out))
     typer.echo(f"checkpoint {name} of job {job_id} -> {target} (sha256 verified)")

@@ -7,8 +7,16 @@ from typing import Annotated
 
 import typer
 
-from cli.common import fail, open_dataset_uri
-from cli.jobs import DEFAULT_URL, JsonOption, KeyOption, UrlOption, _call, _client
+from cli.common import (
+    DEFAULT_URL,
+    JsonOption,
+    KeyOption,
+    UrlOption,
+    api_client,
+    call_api,
+    fail,
+    open_dataset_uri,
+)
 
 __all__ = ["teachers_app"]
 
@@ -136,8 +144,8 @@ def teachers_push(
     for needed in ("manifest.json", "teacher.json"):
         if not (root / needed).is_file():
             fail(f"{directory}: not a teacher directory (no {needed})", 2)
-    with _client(url, key) as client:
-        row = _call(lambda: client.push_teacher(root, name))
+    with api_client(url, key) as client:
+        row = call_api(lambda: client.push_teacher(root, name))
     typer.echo(f"pushed {directory} as {row['uri']}: {row['files']} file(s), {row['size']} bytes")
 
 
@@ -146,8 +154,8 @@ def teachers_list(
     url: UrlOption = DEFAULT_URL, key: KeyOption = None, as_json: JsonOption = False
 ) -> None:
     """Your teachers on the server, then the shared ones."""
-    with _client(url, key) as client:
-        rows = _call(client.list_teachers)
+    with api_client(url, key) as client:
+        rows = call_api(client.list_teachers)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -162,6 +170,6 @@ def teachers_delete(
     key: KeyOption = None,
 ) -> None:
     """Delete one of your teachers on the server."""
-    with _client(url, key) as client:
-        _call(lambda: client.delete_teacher(name))
+    with api_client(url, key) as client:
+        call_api(lambda: client.delete_teacher(name))
     typer.echo(f"deleted teachers/{name}")
