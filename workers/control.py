@@ -216,8 +216,11 @@ def release_placement_groups(
             with contextlib.suppress(Exception):  # ended already
                 ray.kill(controller, no_restart=True)
         actor_ids = [actor_id for actor_id, _ in controllers]
-        _wait_ended(actor_ids, wait_s)
-        groups = groups + _placement_groups_made_by(set(actor_ids))
+        try:
+            _wait_ended(actor_ids, wait_s)
+            groups = groups + _placement_groups_made_by(set(actor_ids))
+        except Exception:  # the GCS did not answer: the registered groups are still removed
+            log.warning("could not look up the Train controllers' placement groups", exc_info=True)
     released = 0
     for group in groups:
         try:
