@@ -18,6 +18,10 @@ the seconds from the fault (or the cancel) to the terminal state, and the checks
   task of the job left holding one);
 * ``worker``: the surviving worker claims the next case's job (checked by the next case).
 
+When ``cluster`` fails, the row's ``reserved`` names what still holds CPUs (placement groups
+not removed, with their bundles and nodes; live actors and running tasks that hold a CPU or
+a placement group), and the printed note sums it up.
+
 The stated bounds (seconds): a cancel ends a job within ``heartbeat_s + stop_grace_s + 10``
 (1 + 15 + 10 = 26 here) in the stages with a Ray run, ``heartbeat_s + 5`` in the others; a
 killed worker's job is reaped after ``lease_s`` (5 s) and its next attempt then runs; a wait for
@@ -293,6 +297,7 @@ class Row:
     note: str = ""
     error: str = ""
     checks: dict[str, bool] = field(default_factory=dict)
+    reserved: dict[str, Any] = field(default_factory=dict)  # when cluster_ok is False
 
 
 def wait_for(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
@@ -349,6 +354,90 @@ def cluster_free(timeout_s: float = 60) -> bool:
             return True
         time.sleep(0.3)
     return False
+
+
+def reserved() -> dict[str, Any]:
+    """What holds CPUs now: placement groups not removed, and live actors and running tasks
+    that hold a CPU or run in a placement group (ids shortened; nodes as head/other)."""
+    from ray.util.state import list_actors, list_placement_groups, list_tasks
+
+    head = head_node_id()
+
+    def node(node_id: str | None) -> str:
+        return "-" if not node_id else ("head" if node_id == head else node_id[:8])
+
+    def holds(resources: dict[str, float] | None, group: str | None) -> bool:
+        return bool(group) or any(k.startswith("CPU") and v for k, v in (resources or {}).items())
+
+    table = ray.util.placement_group_table()
+    groups = [
+        {
+            "id": pg["placement_group_id"][:8],
+            "name": pg["name"],
+            "state": pg["state"],
+            "strategy": pg["strategy"],
+            "bundles": list(pg["bundles"].values()),
+            "nodes": sorted({node(n) for n in pg["bundles_to_node_id"].values()}),
+            "creator_job": info.creator_job_id,
+        }
+        for info in list_placement_groups(limit=1000, detail=True, raise_on_missing_output=False)
+        if info.state != "REMOVED" and (pg := table.get(info.placement_group_id))
+    ]
+    actors = [
+        {
+            "class": a.class_name,
+            "name": a.name,
+            "node": node(a.node_id),
+            "pid": a.pid,
+            "job": a.job_id,
+            "detached": a.is_detached,
+            "resources": a.required_resources,
+            "group": (a.placement_group_id or "")[:8],
+        }
+        for a in list_actors(
+            filters=[("state", "=", "ALIVE")],
+            limit=1000,
+            detail=True,
+            raise_on_missing_output=False,
+        )
+        if holds(a.required_resources, a.placement_group_id)
+    ]
+    tasks = [
+        {
+            "name": t.name,
+            "state": t.state,
+            "node": node(t.node_id),
+            "pid": t.worker_pid,
+            "job": t.job_id,
+            "resources": t.required_resources,
+            "group": (t.placement_group_id or "")[:8],
+        }
+        for t in list_tasks(
+            filters=[("state", "!=", "FINISHED"), ("state", "!=", "FAILED")],
+            limit=1000,
+            detail=True,
+            raise_on_missing_output=False,
+        )
+        if t.type == "NORMAL_TASK" and holds(t.required_resources, t.placement_group_id)
+    ]
+    free = {
+        node(n): r.get("CPU", 0.0)
+        for n, r in ray._private.state.available_resources_per_node().items()
+    }
+    return {"placement_groups": groups, "actors": actors, "tasks": tasks, "free_cpus": free}
+
+
+def reserved_note(found: dict[str, Any]) -> str:
+    """One line: the reserved groups, actors and tasks by name/class and node."""
+    parts = [
+        f"pg {g['name'] or g['id']} {g['state']} {g['bundles']}@{','.join(g['nodes'])}"
+        for g in found.get("placement_groups", [])
+    ]
+    parts += [f"actor {a['class']}@{a['node']}" for a in found.get("actors", [])]
+    parts += [f"task {t['name']} {t['state']}@{t['node']}" for t in found.get("tasks", [])]
+    return (
+        "reserved: " + ("; ".join(parts) or "nothing listed") + f"; free {found.get('free_cpus')}"
+    )
 
 
 @contextlib.contextmanager
@@ -412,6 +501,13 @@ class Bench:
         except Exception as error:  # a case that broke is a row of the matrix too
             row.note = f"{type(error).__name__}: {error}"[:200]
         row.cluster_ok = cluster_free()
+        if not row.cluster_ok:
+            try:
+                row.reserved = reserved()
+                note = reserved_note(row.reserved)
+            except Exception as error:  # the diagnosis must not end the bench
+                note = f"reserved: not listed ({type(error).__name__}: {error})"
+            row.note = f"{row.note}; {note}" if row.note else note
         self.rows.append(row)
         print(f"    {row.state} after {row.seconds:.1f} s {row.note}", flush=True)
 

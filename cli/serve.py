@@ -104,7 +104,10 @@ def serve(
         typer.echo("starting Ray ...", err=True)
         connect_ray(settings)  # in the main thread, before the workers need it
         for index in range(workers):
-            runner = Worker(settings, worker_id=f"serve-{index}-{threading.get_native_id()}")
+            # Opaque ids, as every worker's (tenants read them in job logs); the server's log
+            # says which process and host each is.
+            runner = Worker(settings)
+            typer.echo(f"worker {runner.worker_id} polling for jobs", err=True)
             thread = threading.Thread(
                 target=runner.run_forever, args=(stop,), name=f"worker-{index}", daemon=True
             )

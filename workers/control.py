@@ -7,8 +7,10 @@
   checkpoint) and at once when it says *abort* (a lost lease: the attempt must write nothing
   more), a search ends when it says either, and a training loop that finds the job's inputs
   at fault reports it there, and rank 0 reports how far it has trained (epochs, fractions
-  within an epoch included) for the heartbeat's progress. It also keeps the placement groups
-  the job's runs reserved, so that whatever a killed run leaves behind is released.
+  within an epoch included) for the heartbeat's progress. It also keeps what reserves the
+  job's CPUs: the placement groups of its search's trials (made by Tune) and the Ray Train
+  controllers of its training runs (which make the runs' placement groups), so that
+  :func:`release_placement_groups` frees whatever a killed or stopped run leaves behind.
 * :func:`run_on_ray` runs a function as a Ray task that the worker owns and can kill: a
   cancelled run gets ``grace_s`` seconds to stop on its own, then the task is force-cancelled,
   which ends everything it started (Tune, the Train controller and its workers, Ray Data
@@ -91,6 +93,7 @@ class RunControl:
         self._input_error: tuple[str, str] | None = None
         self._epochs: dict[int | None, float] = {}
         self._groups: list[tuple[str, int | None, PlacementGroup]] = []
+        self._controllers: list[tuple[int | None, str, Any]] = []
 
     def stop(self) -> None:
         """Ask training to stop after the current step (final checkpoint) and a search to end."""
@@ -128,8 +131,18 @@ class RunControl:
         return sum(self._epochs.values())
 
     def register(self, kind: str, trial: int | None, group: PlacementGroup) -> None:
-        """Remember a placement group of the job (``kind``: ``train`` or ``trial``)."""
+        """Remember a placement group of the job (``kind``: ``trial``, a Tune trial's)."""
         self._groups.append((kind, trial, group))
+
+    def register_controller(self, trial: int | None, actor_id: str, controller: Any) -> None:
+        """Remember a Ray Train controller of the job (of ``trial``; its actor id, hex, and
+        handle), registered before it reserves anything: the placement groups it makes are
+        the job's."""
+        self._controllers.append((trial, actor_id, controller))
+
+    def controllers(self, trial: int | None = None) -> list[tuple[str, Any]]:
+        """(actor id, handle) of the registered Train controllers (of ``trial``)."""
+        return [(a, c) for t, a, c in self._controllers if trial is None or t == trial]
 
     def placement_groups(
         self, kind: str | None = None, trial: int | None = None
@@ -177,15 +190,38 @@ def run_control(name: str, *, timeout_s: float = 30) -> Any:
 
 
 def release_placement_groups(
-    control: Any, kind: str | None = None, trial: int | None = None
+    control: Any, kind: str | None = None, trial: int | None = None, *, wait_s: float = 10
 ) -> int:
-    """Remove the registered placement groups that are still reserved; return how many."""
-    released = 0
+    """End the job's runs' leftovers; return how many placement groups were still reserved.
+
+    Called once the job's runs are over (or killed). The registered placement groups (of
+    ``kind``, of ``trial``) are removed; unless ``kind`` is given, the registered Train
+    controllers (of ``trial``) are killed too, and every placement group one of them made is
+    removed. Ray removes a placement group that an actor made only when the actor *and* its job
+    have ended, and the job here is the worker process, which outlives every run: a controller
+    that Tune's stop of its trial ended while it was starting its workers (before Ray Train's
+    own clean-up knew of its group) left its group reserved until the worker exited. A
+    controller also outlives a run that ended well (the process that ran the trainer keeps a
+    handle to it), idle but a process of its own. Each is waited for, up to ``wait_s`` seconds
+    in all, so that none makes a group after the look for its groups.
+    """
     try:
         groups = ray.get(control.placement_groups.remote(kind, trial), timeout=10)
+        controllers = ray.get(control.controllers.remote(trial), timeout=10) if kind is None else []
     except Exception:  # the control is gone: nothing to release from here
         log.debug("no placement groups to release", exc_info=True)
         return 0
+    if controllers:
+        for _, controller in controllers:
+            with contextlib.suppress(Exception):  # ended already
+                ray.kill(controller, no_restart=True)
+        actor_ids = [actor_id for actor_id, _ in controllers]
+        try:
+            _wait_ended(actor_ids, wait_s)
+            groups = groups + _placement_groups_made_by(set(actor_ids))
+        except Exception:  # the GCS did not answer: the registered groups are still removed
+            log.warning("could not look up the Train controllers' placement groups", exc_info=True)
+    released = 0
     for group in groups:
         try:
             if placement_group_table(group).get("state") in (None, "REMOVED"):
@@ -195,6 +231,38 @@ def release_placement_groups(
         except Exception:  # removed meanwhile, or its node is gone
             log.debug("placement group %s already gone", group.id, exc_info=True)
     return released
+
+
+def _wait_ended(actor_ids: list[str], timeout_s: float) -> None:
+    """Wait until the actors are dead (GCS actor table), at most ``timeout_s`` seconds."""
+    from ray._private.state import state
+
+    deadline = time.monotonic() + timeout_s
+    living = list(actor_ids)
+    while living:
+        living = [a for a in living if state.actor_table(a).get("State", "DEAD") != "DEAD"]
+        if not living:
+            return
+        if time.monotonic() > deadline:
+            log.warning("Train controllers %s still alive after a kill", living)
+            return
+        time.sleep(0.1)
+
+
+def _placement_groups_made_by(actor_ids: set[str]) -> list[PlacementGroup]:
+    """The placement groups not removed that one of ``actor_ids`` (hex) made.
+
+    The GCS placement-group table is read directly: its public views
+    (``placement_group_table``, the State API) leave out the creator."""
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    found = []
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        data = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        if data.state != data.REMOVED and data.creator_actor_id.hex() in actor_ids:
+            found.append(PlacementGroup(ray.PlacementGroupID(data.placement_group_id)))
+    return found
 
 
 class RunKilled(Exception):

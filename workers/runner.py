@@ -248,7 +248,8 @@ class Worker:
                 tenant_id=job.tenant_id,
             )
             if result.cancelled:
-                outcome = ("cancel", "cancelled during training")
+                # The stage the cancel stopped (training, or tuning for a search).
+                outcome = ("cancel", f"cancelled during {control.stage or 'the run'}")
             else:
                 auroc = (result.test or {}).get("auroc")
                 outcome = ("finish", f"test AUROC {auroc}")
@@ -263,8 +264,12 @@ class Worker:
             heartbeat.done.set()
             control.changed.set()  # wake it to exit
             heartbeat.join(timeout=30)
-            # Whatever a killed or crashed run left reserved; then the control itself.
-            release_placement_groups(handle)
+            # Whatever a killed, stopped or crashed run left reserved; then the control itself.
+            released = release_placement_groups(handle)
+            if released:
+                log.warning(
+                    "job %s: removed %d placement group(s) its runs left reserved", job.id, released
+                )
             with contextlib.suppress(Exception):
                 ray.kill(handle)
         if control.lease_lost.is_set():

@@ -45,6 +45,7 @@ from ray.train import (
     ScalingConfig,
 )
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.execution.callback import ControllerCallback
 
 from bird_core.checkpoint import load_training_state, save_checkpoint
 from bird_core.data.base import Split
@@ -452,12 +453,30 @@ def _control_handle(plan: TrainPlan) -> Any:
         return None
 
 
-def _register_placement_group(handle: Any, plan: TrainPlan) -> None:
-    """Tell the job's RunControl about this run's placement group (released if the run is
-    killed: see workers.control)."""
-    group = ray.util.get_current_placement_group()
-    if handle is not None and group is not None:
-        handle.register.remote("train", plan.trial, group)
+class RegisterController(ControllerCallback):
+    """Registers the run's Train controller with the job's RunControl as it starts, before it
+    reserves its workers' placement group (and any later one, for a restored worker group):
+    :func:`workers.control.release_placement_groups` removes what it made. Rank 0 registering
+    the group it runs in came too late: a trial that Tune stopped while its workers were
+    starting left its group reserved."""
+
+    def __init__(self, run_control: str, trial: int | None) -> None:
+        self.run_control = run_control
+        self.trial = trial
+
+    def after_controller_start(self, train_run_context: Any) -> None:
+        """In the controller actor: register it, and wait for that (it may be killed soon)."""
+        try:
+            handle = ray.get_actor(self.run_control)
+        except ValueError:
+            return  # the attempt is over; the training loop takes that for an abort
+        context = ray.get_runtime_context()
+        ray.get(
+            handle.register_controller.remote(
+                self.trial, context.get_actor_id(), context.current_actor
+            ),
+            timeout=30,
+        )
 
 
 def build_student_and_method(plan: TrainPlan) -> tuple[Any, Any]:
@@ -485,8 +504,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(config.get("torch_threads", 1))))
 
     control = _control_handle(plan)
-    if rank == 0:
-        _register_placement_group(control, plan)
     try:
         student, method = build_student_and_method(plan)
         method.check_student(student)
@@ -818,6 +835,8 @@ def run_training(
     # it, since Tune may stop the trial, and with it this run's controller, right after.
     all_callbacks = [SinkCallback(sink)] if sink is not None else []
     all_callbacks += list(callbacks or [])
+    if plan.run_control is not None:
+        all_callbacks.append(RegisterController(plan.run_control, plan.trial))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +120,77 @@ def test_asha_search_stops_weak_trials_and_its_best_checkpoint_loads(
     assert all(not sink.records() for sink in again_sinks.values())
     assert again.trials == outcome.trials
     assert again.best == outcome.best
+
+
+def test_a_trial_stopped_while_its_workers_start_leaves_no_placement_group(
+    train_data_local: Any,
+) -> None:
+    """Tune stops a trial by ending its actor, and Ray Train's controller ends with it. A
+    controller that had reserved its workers' placement group but not yet started them left
+    that group reserved for as long as the worker process (the Ray job) lived: the job's
+    RunControl releases every group its registered controllers made.
+
+    The cluster's CPUs are held meanwhile, so the run's group stays pending (a pending group
+    left behind would take the CPUs as soon as they are free)."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from workers.control import release_placement_groups, run_control
+    from workers.train import run_training
+
+    data = train_data_local
+    name = "bird-test-stopped-trial"
+    control = run_control(name)
+    plan = plan_training(
+        data.spec(training={"epochs": 1, "batch_size": 32}),
+        store_url=data.store_url,
+        settings=data.settings,
+        features=data.features,
+        dataset_meta=data.meta,
+        checkpoint_base=None,
+        trial=0,
+        run_control=name,
+    )
+    datasets = build_datasets(data.store, data.features, plan)
+    total = ray.cluster_resources()["CPU"]
+    busy = placement_group([{"CPU": total}])
+    ray.get(busy.ready(), timeout=60)
+
+    @ray.remote(num_cpus=0)
+    class Trial:  # what Tune's trial actor is to the run: its owner
+        def run(self) -> None:
+            run_training(
+                plan,
+                datasets,
+                storage=RayStorage.on_store(data.store, "jobs/stopped-trial/ray"),
+                run_name="stopped-trial",
+            )
+
+    def pending_groups() -> list[str]:
+        return [
+            group_id
+            for group_id, group in ray.util.placement_group_table().items()
+            if group["state"] == "PENDING" and group_id != busy.id.hex()
+        ]
+
+    trial = Trial.remote()
+    trial.run.remote()
+    try:
+        deadline = time.monotonic() + 120
+        while not pending_groups():
+            assert time.monotonic() < deadline, ray.util.placement_group_table()
+            time.sleep(0.2)
+        [group_id] = pending_groups()
+        assert ray.get(control.controllers.remote(0)), "the controller did not register"
+        ray.kill(trial)  # as Tune's stop does; the controller is the trial's, and ends too
+
+        assert release_placement_groups(control) == 1
+        assert ray.util.placement_group_table()[group_id]["state"] == "REMOVED"
+    finally:
+        ray.kill(trial)
+        remove_placement_group(busy)
+        ray.kill(control)
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0.0) < total:
+        assert time.monotonic() < deadline, (ray.available_resources(), total)
+        time.sleep(0.2)
