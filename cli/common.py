@@ -24,6 +24,7 @@ __all__ = [
     "UrlOption",
     "api_client",
     "call_api",
+    "configure_logging",
     "explain_and_exit",
     "fail",
     "load_settings",
@@ -79,6 +80,22 @@ def load_settings() -> Settings:
     except ValidationError as err:
         first = err.errors()[0]
         fail(f"invalid setting BIRD_{str(first['loc'][0]).upper()}: {first['msg']}", 2)
+
+
+def configure_logging(level: str) -> None:
+    """Write bird's own log records (loggers ``bird.*``) at ``level`` and above to stderr,
+    with time and source.
+
+    The long-running commands (``bird worker``, ``bird serve``) call it: without a handler
+    Python prints warnings only, bare, so a worker never said which job it claimed or how the
+    job ended. Other libraries (Ray, boto3, ...) stay at warning, whatever ``level`` says.
+    """
+    import logging
+
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("bird").setLevel(level.upper())  # bird.worker, bird.api
 
 
 def open_dataset_uri(uri: str) -> tuple[ObjectStore, str]:
