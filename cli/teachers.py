@@ -53,8 +53,8 @@ def teachers_train(
     """Train a teacher with cross-entropy on --dataset and publish it at --out.
 
     Writes model.safetensors and teacher.json (architecture, options, preprocessing, test
-    metrics), manifest last. A job uses it as {"kind": "model", "arch": "<arch>",
-    "weights_uri": "<out>/model.safetensors"} (the command prints it).
+    metrics), manifest last. Upload a directory with `bird teachers push DIR --name NAME`; a job
+    then uses it as {"kind": "model", "weights_uri": "teachers/NAME"} (the command prints both).
     """
     # torch/bird_core: imported only when this command runs, so `bird --help` stays fast.
     from bird_core.models import available_models
@@ -119,9 +119,19 @@ def teachers_train(
     )
     weights_uri = out_store.uri(join_key(out_prefix, TEACHER_WEIGHTS))
     typer.echo(f"published teacher {arch} {options} to {out_store.uri(out_prefix)}: {scores}")
+    if out.startswith("s3://"):
+        typer.echo(
+            "use it in a job spec as: "
+            + json.dumps({"kind": "model", "arch": arch, "weights_uri": weights_uri})
+        )
+        return
+    # A server refuses a file:// weights URI (BIRD_ALLOW_EXTERNAL_URIS is off by default): a
+    # directory is uploaded into the tenant's space first, then named there.
+    name = out_store.uri(out_prefix).rstrip("/").rsplit("/", 1)[-1]
+    typer.echo(f"upload it with: bird teachers push {out} --name {name}")
     typer.echo(
-        "use it in a job spec as: "
-        + json.dumps({"kind": "model", "arch": arch, "weights_uri": weights_uri})
+        "then use it in a job spec as: "
+        + json.dumps({"kind": "model", "weights_uri": f"teachers/{name}"})
     )
 
 
