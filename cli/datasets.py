@@ -275,6 +275,11 @@ def datasets_list(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
+    if not rows:  # else the command printed nothing at all
+        typer.echo(
+            "no datasets (yours or shared): upload one with `bird datasets push DIR --name NAME`",
+            err=True,
+        )
     for row in rows:
         typer.echo(f"{row['uri']:<40} {row['files']:>5} files {row['size']:>12} bytes")
 

@@ -477,6 +477,11 @@ def test_bird_datasets_push_list_delete(live_api: LiveAPI, tmp_path: Path) -> No
     assert "as datasets/cli-made" in pushed.output
     listed = bird("datasets", "list")
     assert listed.exit_code == 0 and "datasets/cli-made" in listed.output
+    fresh = {**env, "BIRD_API_KEY": live_api.new_key().key}
+    for kind in ("datasets", "teachers"):  # another tenant's list: none, said so
+        none = CliRunner().invoke(app, [kind, "list"], env=fresh)
+        assert none.exit_code == 0 and none.stdout == "", none.output
+        assert f"no {kind} (yours or shared): upload one with `bird {kind} push" in none.stderr
     again = bird("datasets", "push", str(tmp_path / "ds"), "--name", "cli-made")
     assert again.exit_code == 1 and "already exists" in again.output and "HTTP 409" in again.output
     not_a_dataset = bird("datasets", "push", str(tmp_path), "--name", "x")
