@@ -86,8 +86,8 @@ def serve(
     """Start the API (and, unless --api-only, a worker and a local Ray) with BIRD_* settings.
 
     With no settings at all this is the embedded default: SQLite and an object store under
-    ./bird-data/, a local Ray started here, one worker in this process. On a database without
-    any API key, a key for tenant 'local' is created and printed once.
+    ./bird-data/, a local Ray started here, one worker in this process. On an SQLite database
+    without any API key, a key for tenant 'local' is created and printed once.
     """
     import threading
 
@@ -100,7 +100,9 @@ def serve(
     embedded = settings.resolved_database_url.startswith("sqlite")
     # The embedded default migrates itself; production runs `bird db upgrade` as its own step.
     _prepare_database(settings, migrate=embedded)
-    key = _first_start_key(settings)
+    # Only the embedded default makes a key of its own: a production API's output is container
+    # logs, where a working key would let in anyone who reads them (keys: `bird keys create`).
+    key = _first_start_key(settings) if embedded else None
     stop = threading.Event()
     threads: list[threading.Thread] = []
     if not api_only and workers:
