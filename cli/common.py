@@ -24,6 +24,7 @@ __all__ = [
     "UrlOption",
     "api_client",
     "call_api",
+    "check_name",
     "configure_logging",
     "explain_and_exit",
     "fail",
@@ -96,6 +97,24 @@ def configure_logging(level: str) -> None:
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("bird").setLevel(level.upper())  # bird.worker, bird.api
+
+
+def check_name(kind: str, name: str) -> None:
+    """Exit 2 unless ``name`` can name a dataset or teacher (``kind``) on the server.
+
+    The API refuses such a name too, but with its pattern, and a name with a '/' never reaches
+    the route that would name it ('Not Found'): this says what a name may hold, in words.
+    """
+    import re
+
+    from service.tenant_data import DATASET_NAME_PATTERN
+
+    if not re.fullmatch(DATASET_NAME_PATTERN, name):
+        fail(
+            f"invalid {kind} name {name!r}: a name is 1 to 63 lower-case letters, digits, '.', "
+            "'_' or '-', and starts with a letter or a digit",
+            2,
+        )
 
 
 def open_dataset_uri(uri: str) -> tuple[ObjectStore, str]:

@@ -14,6 +14,7 @@ from cli.common import (
     UrlOption,
     api_client,
     call_api,
+    check_name,
     fail,
     open_dataset_uri,
 )
@@ -150,6 +151,7 @@ def teachers_push(
     {"kind": "model", "weights_uri": "teachers/NAME"}."""
     from pathlib import Path
 
+    check_name("teacher", name)
     root = Path(directory)
     for needed in ("manifest.json", "teacher.json"):
         if not (root / needed).is_file():
@@ -185,6 +187,7 @@ def teachers_delete(
     key: KeyOption = None,
 ) -> None:
     """Delete one of your teachers on the server."""
+    check_name("teacher", name)
     with api_client(url, key) as client:
         call_api(lambda: client.delete_teacher(name))
     typer.echo(f"deleted teachers/{name}")
