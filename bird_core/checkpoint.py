@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -203,9 +204,14 @@ class LoadedStudent:
     meta: dict[str, Any]
 
     @torch.no_grad()
-    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
-        """Class probabilities for raw rows (uint8 images ``[N, C, H, W]`` or tabular rows)."""
+    def predict_proba(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Class probabilities for raw rows (uint8 images ``[N, C, H, W]`` or tabular rows).
+
+        ``x`` is a tensor or a NumPy array: new table rows come as the ``float32`` array that
+        ``TableEncoding.encode`` returns, images often as arrays too.
+        """
         task = self.meta.get("spec", {}).get("task", "multiclass")
+        x = torch.as_tensor(x, device=self.preprocess.mean.device)
         return probabilities(self.model(self.preprocess(x)), task)
 
 

@@ -24,6 +24,8 @@ __all__ = [
     "UrlOption",
     "api_client",
     "call_api",
+    "check_name",
+    "configure_logging",
     "explain_and_exit",
     "fail",
     "load_settings",
@@ -79,6 +81,40 @@ def load_settings() -> Settings:
     except ValidationError as err:
         first = err.errors()[0]
         fail(f"invalid setting BIRD_{str(first['loc'][0]).upper()}: {first['msg']}", 2)
+
+
+def configure_logging(level: str) -> None:
+    """Write bird's own log records (loggers ``bird.*``) at ``level`` and above to stderr,
+    with time and source.
+
+    The long-running commands (``bird worker``, ``bird serve``) call it: without a handler
+    Python prints warnings only, bare, so a worker never said which job it claimed or how the
+    job ended. Other libraries (Ray, boto3, ...) stay at warning, whatever ``level`` says.
+    """
+    import logging
+
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("bird").setLevel(level.upper())  # bird.worker, bird.api
+
+
+def check_name(kind: str, name: str) -> None:
+    """Exit 2 unless ``name`` can name a dataset or teacher (``kind``) on the server.
+
+    The API refuses such a name too, but with its pattern, and a name with a '/' never reaches
+    the route that would name it ('Not Found'): this says what a name may hold, in words.
+    """
+    import re
+
+    from service.tenant_data import DATASET_NAME_PATTERN
+
+    if not re.fullmatch(DATASET_NAME_PATTERN, name):
+        fail(
+            f"invalid {kind} name {name!r}: a name is 1 to 63 lower-case letters, digits, '.', "
+            "'_' or '-', and starts with a letter or a digit",
+            2,
+        )
 
 
 def open_dataset_uri(uri: str) -> tuple[ObjectStore, str]:

@@ -22,6 +22,7 @@ from cli.common import (
     UrlOption,
     api_client,
     call_api,
+    check_name,
     fail,
     open_dataset_uri,
     split_csv,
@@ -250,6 +251,7 @@ def datasets_push(
     from bird_datasets.validation import validate_dataset
     from service.storage import LocalStore, StorageError
 
+    check_name("dataset", name)
     root = Path(directory)
     if not (root / "manifest.json").is_file():
         fail(f"{directory}: not a dataset directory (no manifest.json)", 2)
@@ -275,6 +277,11 @@ def datasets_list(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
+    if not rows:  # else the command printed nothing at all
+        typer.echo(
+            "no datasets (yours or shared): upload one with `bird datasets push DIR --name NAME`",
+            err=True,
+        )
     for row in rows:
         typer.echo(f"{row['uri']:<40} {row['files']:>5} files {row['size']:>12} bytes")
 
@@ -286,6 +293,7 @@ def datasets_delete(
     key: KeyOption = None,
 ) -> None:
     """Delete one of your datasets on the server."""
+    check_name("dataset", name)
     with api_client(url, key) as client:
         call_api(lambda: client.delete_dataset(name))
     typer.echo(f"deleted datasets/{name}")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from rich.console import Console
     from rich.progress import Progress, TaskID
+    from rich.table import Column
 
 __all__ = ["JobBars"]
 
@@ -29,17 +30,29 @@ class JobBars:
             TextColumn,
             TimeElapsedColumn,
         )
+        from rich.table import Column
 
         self.console = console or Console(highlight=False)
+
+        def fixed(width: int) -> Column:
+            return Column(no_wrap=True, min_width=width)
+
+        # The job, state, percentage and stage keep their width and the metrics summary is cut
+        # with an ellipsis: rich otherwise shrank every column alike once the summary arrived,
+        # and an 80-column line (what a pipe gets) read "job 2… s…  … auroc ...".
         self.progress: Progress = Progress(
-            TextColumn("{task.description}"),
-            TextColumn("{task.fields[state]:<10}"),
-            BarColumn(),
-            TaskProgressColumn(),
-            TextColumn("{task.fields[stage]:<12}"),
-            TextColumn("{task.fields[metrics]}"),
-            TimeElapsedColumn(),
+            TextColumn("{task.description}", table_column=fixed(14)),
+            TextColumn("{task.fields[state]:<10}", table_column=fixed(10)),
+            BarColumn(bar_width=None, table_column=Column(min_width=10, ratio=1)),
+            TaskProgressColumn(table_column=fixed(4)),
+            TextColumn("{task.fields[stage]:<12}", table_column=fixed(12)),
+            TextColumn(
+                "{task.fields[metrics]}",
+                table_column=Column(no_wrap=True, overflow="ellipsis", ratio=4),
+            ),
+            TimeElapsedColumn(table_column=fixed(7)),
             console=self.console,
+            expand=True,
         )
         self.tasks: dict[str, TaskID] = {}
 

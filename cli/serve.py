@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cli.common import fail, load_settings
+from cli.common import configure_logging, fail, load_settings
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -61,13 +61,17 @@ def worker(
     import threading
 
     settings = load_settings()
+    configure_logging(settings.log_level)
     _prepare_database(settings, migrate=settings.resolved_database_url.startswith("sqlite"))
-    from workers.runner import Worker
+    from workers.runner import Worker, connect_ray
 
-    stop = threading.Event()
-    # SIGTERM (docker stop, Kubernetes) ends the loop after the current job's next check.
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     runner = Worker(settings)
+    connect_ray(settings)
+    stop = threading.Event()
+    # SIGTERM (docker stop, Kubernetes) ends the loop once the current job is done. Installed
+    # after ray.init, which sets a SIGTERM handler of its own that exits the process at once,
+    # mid-job included (the job then waited for its lease to expire).
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     typer.echo(f"worker {runner.worker_id} polling for jobs", err=True)
     ran = runner.run_forever(stop, max_jobs=max_jobs)
     typer.echo(f"worker {runner.worker_id} ran {ran} job(s)", err=True)
@@ -82,8 +86,8 @@ def serve(
     """Start the API (and, unless --api-only, a worker and a local Ray) with BIRD_* settings.
 
     With no settings at all this is the embedded default: SQLite and an object store under
-    ./bird-data/, a local Ray started here, one worker in this process. On a database without
-    any API key, a key for tenant 'local' is created and printed once.
+    ./bird-data/, a local Ray started here, one worker in this process. On an SQLite database
+    without any API key, a key for tenant 'local' is created and printed once.
     """
     import threading
 
@@ -92,10 +96,13 @@ def serve(
     from service.api.app import create_app
 
     settings = load_settings()
+    configure_logging(settings.log_level)
     embedded = settings.resolved_database_url.startswith("sqlite")
     # The embedded default migrates itself; production runs `bird db upgrade` as its own step.
     _prepare_database(settings, migrate=embedded)
-    key = _first_start_key(settings)
+    # Only the embedded default makes a key of its own: a production API's output is container
+    # logs, where a working key would let in anyone who reads them (keys: `bird keys create`).
+    key = _first_start_key(settings) if embedded else None
     stop = threading.Event()
     threads: list[threading.Thread] = []
     if not api_only and workers:

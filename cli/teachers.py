@@ -14,6 +14,7 @@ from cli.common import (
     UrlOption,
     api_client,
     call_api,
+    check_name,
     fail,
     open_dataset_uri,
 )
@@ -53,8 +54,8 @@ def teachers_train(
     """Train a teacher with cross-entropy on --dataset and publish it at --out.
 
     Writes model.safetensors and teacher.json (architecture, options, preprocessing, test
-    metrics), manifest last. A job uses it as {"kind": "model", "arch": "<arch>",
-    "weights_uri": "<out>/model.safetensors"} (the command prints it).
+    metrics), manifest last. Upload a directory with `bird teachers push DIR --name NAME`; a job
+    then uses it as {"kind": "model", "weights_uri": "teachers/NAME"} (the command prints both).
     """
     # torch/bird_core: imported only when this command runs, so `bird --help` stays fast.
     from bird_core.models import available_models
@@ -119,9 +120,19 @@ def teachers_train(
     )
     weights_uri = out_store.uri(join_key(out_prefix, TEACHER_WEIGHTS))
     typer.echo(f"published teacher {arch} {options} to {out_store.uri(out_prefix)}: {scores}")
+    if out.startswith("s3://"):
+        typer.echo(
+            "use it in a job spec as: "
+            + json.dumps({"kind": "model", "arch": arch, "weights_uri": weights_uri})
+        )
+        return
+    # A server refuses a file:// weights URI (BIRD_ALLOW_EXTERNAL_URIS is off by default): a
+    # directory is uploaded into the tenant's space first, then named there.
+    name = out_store.uri(out_prefix).rstrip("/").rsplit("/", 1)[-1]
+    typer.echo(f"upload it with: bird teachers push {out} --name {name}")
     typer.echo(
-        "use it in a job spec as: "
-        + json.dumps({"kind": "model", "arch": arch, "weights_uri": weights_uri})
+        "then use it in a job spec as: "
+        + json.dumps({"kind": "model", "weights_uri": f"teachers/{name}"})
     )
 
 
@@ -140,6 +151,7 @@ def teachers_push(
     {"kind": "model", "weights_uri": "teachers/NAME"}."""
     from pathlib import Path
 
+    check_name("teacher", name)
     root = Path(directory)
     for needed in ("manifest.json", "teacher.json"):
         if not (root / needed).is_file():
@@ -159,6 +171,11 @@ def teachers_list(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
+    if not rows:  # else the command printed nothing at all
+        typer.echo(
+            "no teachers (yours or shared): upload one with `bird teachers push DIR --name NAME`",
+            err=True,
+        )
     for row in rows:
         typer.echo(f"{row['uri']:<40} {row['files']:>5} files {row['size']:>12} bytes")
 
@@ -170,6 +187,7 @@ def teachers_delete(
     key: KeyOption = None,
 ) -> None:
     """Delete one of your teachers on the server."""
+    check_name("teacher", name)
     with api_client(url, key) as client:
         call_api(lambda: client.delete_teacher(name))
     typer.echo(f"deleted teachers/{name}")

@@ -111,10 +111,11 @@ def resolve_spec(
 
 def _train_teacher_hint(meta: DatasetMeta, arch: str) -> str:
     name = f"{meta.name}-{arch}".replace("_", "-")
+    # What a tenant can do: train on its local copy, upload into its own space, name it.
     return (
-        f"train one on this dataset with `bird teachers train --dataset <the dataset> --arch "
-        f"{arch} --out <store>/teachers/{name}` and give "
-        f'"teacher": {{"kind": "model", "weights_uri": "teachers/{name}"}}'
+        f"train one on this dataset with `bird teachers train --dataset <its local copy> --arch "
+        f"{arch} --out {name}`, upload it with `bird teachers push {name} --name {name}` and "
+        f'give "teacher": {{"kind": "model", "weights_uri": "teachers/{name}"}}'
     )
 
 

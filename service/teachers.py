@@ -181,8 +181,9 @@ def read_teacher_facts(
     if published is None:
         if key == "" or not store.exists(key):
             raise TeacherRecordError(
-                f"teacher weights {store.uri(key)} do not exist (publish a teacher with "
-                "`bird teachers train`, or copy the weights into the store)"
+                f"teacher weights {store.uri(key)} do not exist (train a teacher with "
+                "`bird teachers train --out DIR` and upload it with `bird teachers push DIR "
+                "--name NAME`: jobs name it teachers/NAME)"
             )
         if kind == "open_clip":
             return TeacherFacts(uri=store.uri(key), arch=arch, input="image", spatial=False)

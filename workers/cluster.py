@@ -12,6 +12,11 @@
   ``workers × (cpus_per_worker, gpus_per_worker)`` bundles, plus, in a search, the sliver of a
   CPU that each trial's driver holds in Tune's placement group (the Ray Train controller and
   the job's own driver task reserve nothing).
+* :func:`release_orphaned_placement_groups` frees the groups whose creating actor is dead. A
+  Ray Train run killed while it starts (a cancel in its first seconds) leaves the group its
+  controller had just reserved: nothing registered it yet (Ray Train's own cleaner and the
+  job's RunControl learn of it only once the workers run), and a group outlives the actor that
+  made it for as long as the worker's Ray job (the ``bird worker`` process) lives.
 * :func:`check_feasible` fails a job at once when the cluster can never hold one run;
   :func:`fit_concurrency` caps a search's concurrent trials at what the cluster holds;
   :func:`wait_for_room` waits, boundedly and cancellably, until the cluster has room now.
@@ -40,6 +45,7 @@ __all__ = [
     "connect_ray",
     "fit_concurrency",
     "head_node_resource",
+    "release_orphaned_placement_groups",
     "wait_for_room",
 ]
 
@@ -240,6 +246,46 @@ def fit_concurrency(wanted: int, demand: RunDemand, capacity: ClusterCapacity) -
     return max(1, min(wanted, by_cpu, by_gpu, by_bundles))
 
 
+def release_orphaned_placement_groups() -> int:
+    """Remove every placement group still reserved whose creating actor is dead; return how
+    many. Groups made by a driver or a task (no creating actor, e.g. Tune's trial groups) and
+    detached ones are left alone: only an actor's own group dies with it in meaning."""
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup
+
+    if not ray.is_initialized():
+        return 0
+    table = gcs_pb2.PlacementGroupTableData
+    reserved = {table.PENDING, table.PREPARED, table.CREATED, table.RESCHEDULING}
+    released = 0
+    # Ray's public table omits the creating actor; its GCS record, read the way Ray reads it
+    # for ray.util.placement_group_table(), holds it.
+    try:
+        records = state._connect_and_get_accessor().get_placement_group_table()
+    except Exception:  # an internal API of Ray's: never let it break the caller
+        return 0
+    for raw in records:
+        group = table.FromString(raw)
+        creator = ray.ActorID(group.creator_actor_id) if group.creator_actor_id else None
+        if (
+            group.state not in reserved
+            or group.is_detached
+            or creator is None
+            or creator.is_nil()
+            or not group.creator_actor_dead
+        ):
+            continue
+        try:
+            ray.util.remove_placement_group(
+                PlacementGroup(ray.PlacementGroupID(group.placement_group_id))
+            )
+            released += 1
+        except Exception:  # removed meanwhile
+            continue
+    return released
+
+
 class NoRoom(TimeoutError):
     """The cluster did not have room for a run within the wait bound."""
 
@@ -275,6 +321,8 @@ def wait_for_room(
         current = capacity()
         if has_room(demand, current):
             return True
+        if release_orphaned_placement_groups():
+            continue  # what a killed run left reserved is free again: look again
         if not waited:
             waited = True
             if on_wait is not None:

@@ -32,7 +32,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
 from service.models import JobStage
-from workers.cluster import head_node_resource
+from workers.cluster import head_node_resource, release_orphaned_placement_groups
 from workers.errors import JobCancelled, JobInputError
 
 __all__ = [
@@ -338,3 +338,8 @@ def _kill(ref: Any, control: Any, timeout_s: float = 30) -> None:
         ray.get(ref, timeout=timeout_s)
     if control is not None:
         release_placement_groups(control)
+    # A run killed while it started reserved a group nothing registered yet; its controller
+    # is dead by now (it was owned by the task), unless Ray has yet to record that: then the
+    # next job's wait for room releases it.
+    with contextlib.suppress(Exception):
+        release_orphaned_placement_groups()

@@ -49,7 +49,7 @@ from workers.control import (
 from workers.errors import JobCancelled, input_error_in, root_cause
 from workers.pipeline import run_job
 
-__all__ = ["Worker", "connect_ray"]
+__all__ = ["Worker", "connect_ray", "finish_summary"]
 
 log = logging.getLogger("bird.worker")
 
@@ -133,6 +133,15 @@ class _Heartbeat(threading.Thread):
                 return
             except Exception:  # a database hiccup: the next beat tries again
                 log.exception("job %s: heartbeat failed", self.job.id)
+
+
+def finish_summary(test: dict[str, Any] | None) -> str:
+    """The message of a job's finish (its event, its last log line): the test AUROC, rounded
+    as everywhere a user reads it (it was printed with every digit of the float)."""
+    auroc = (test or {}).get("auroc")
+    if isinstance(auroc, int | float) and not isinstance(auroc, bool):
+        return f"test AUROC {auroc:.2f}"
+    return "no test AUROC"
 
 
 class Worker:
@@ -251,8 +260,7 @@ class Worker:
                 # The stage the cancel stopped (training, or tuning for a search).
                 outcome = ("cancel", f"cancelled during {control.stage or 'the run'}")
             else:
-                auroc = (result.test or {}).get("auroc")
-                outcome = ("finish", f"test AUROC {auroc}")
+                outcome = ("finish", finish_summary(result.test))
         except JobCancelled:
             outcome = ("cancel", "cancelled")
         except NoRoom as error:

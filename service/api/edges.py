@@ -195,7 +195,11 @@ def bounded_errors(errors: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 part if isinstance(part, int) else excerpt(str(part), 100)
                 for part in list(error.get("loc", ()))[:32]
             ],
-            "msg": excerpt(str(error.get("msg", "")), 2 * EXCERPT_CHARS),
+            # Pydantic prefixes a validator's own message with "Value error, ": noise to a
+            # user who reads the message (the type already says value_error).
+            "msg": excerpt(
+                str(error.get("msg", "")).removeprefix("Value error, "), 2 * EXCERPT_CHARS
+            ),
         }
         if "input" in error:
             item["input"] = excerpt(error["input"])

@@ -94,7 +94,13 @@ BAD_SPECS: list[tuple[str, str, dict[str, Any], tuple[str, ...], tuple[str, ...]
         TABULAR,
         {},
         ("teacher",),
-        ("tabular rows of 11 features", "takes images only", "bird teachers train", "--arch mlp"),
+        (
+            "tabular rows of 11 features",
+            "takes images only",
+            "bird teachers train",
+            "--arch mlp",
+            "bird teachers push",
+        ),
     ),
     (
         "tabular dataset, an image teacher named",
@@ -178,7 +184,7 @@ BAD_SPECS: list[tuple[str, str, dict[str, Any], tuple[str, ...], tuple[str, ...]
         TINY,
         {"teacher": {"kind": "model", "arch": "resnet18", "weights_uri": "teachers/nothing"}},
         ("teacher", "weights_uri"),
-        ("do not exist",),
+        ("do not exist", "bird teachers push"),
     ),
     (
         "teacher weights outside the store",

@@ -322,6 +322,15 @@ def test_teachers_train_reports_bad_input_in_one_line(
     assert len(bad_option.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "teacher" / "manifest.json").exists()  # nothing published
 
+    # A teacher in a directory is uploaded before a server's job can name it (a file:// weights
+    # URI is refused there): the command says how, not with the directory's file:// URI.
+    args = ("--arch", "small_cnn", "--width", "4", "--epochs", "1", "--max-steps-per-epoch", "2")
+    done = runner.invoke(app, ["teachers", "train", "--dataset", dataset, "--out", out, *args])
+    assert done.exit_code == 0, done.output
+    assert f"upload it with: bird teachers push {out} --name teacher" in done.stdout
+    assert '"weights_uri": "teachers/teacher"' in done.stdout, done.stdout
+    assert '"weights_uri": "file://' not in done.stdout, done.stdout
+
     _s3_env(monkeypatch, s3_settings)
     no_bucket = run("--dataset", dataset, "--out", "s3://no-such-bucket/t", "--epochs", "1")
     assert no_bucket.exit_code == 1 and "no-such-bucket" in no_bucket.stderr

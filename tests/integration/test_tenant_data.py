@@ -477,11 +477,30 @@ def test_bird_datasets_push_list_delete(live_api: LiveAPI, tmp_path: Path) -> No
     assert "as datasets/cli-made" in pushed.output
     listed = bird("datasets", "list")
     assert listed.exit_code == 0 and "datasets/cli-made" in listed.output
+    fresh = {**env, "BIRD_API_KEY": live_api.new_key().key}
+    for kind in ("datasets", "teachers"):  # another tenant's list: none, said so
+        none = CliRunner().invoke(app, [kind, "list"], env=fresh)
+        assert none.exit_code == 0 and none.stdout == "", none.output
+        assert f"no {kind} (yours or shared): upload one with `bird {kind} push" in none.stderr
     again = bird("datasets", "push", str(tmp_path / "ds"), "--name", "cli-made")
     assert again.exit_code == 1 and "already exists" in again.output and "HTTP 409" in again.output
     not_a_dataset = bird("datasets", "push", str(tmp_path), "--name", "x")
     assert not_a_dataset.exit_code == 2
     assert f"{tmp_path}: not a dataset directory (no manifest.json)" in not_a_dataset.output
+    # A name the server cannot hold is refused before any upload, in words (the API's answer
+    # is its pattern; a name with a '/' never reached the route: 'Not Found').
+    for args in (
+        ("datasets", "push", str(tmp_path / "ds"), "--name", "People"),
+        ("datasets", "delete", "../2/datasets/cli-made"),
+        ("teachers", "push", str(tmp_path / "ds"), "--name", "a/b"),
+        ("teachers", "delete", "a/b"),
+    ):
+        refused = bird(*args)
+        assert refused.exit_code == 2, refused.output
+        kind = args[0].removesuffix("s")
+        assert refused.stderr.startswith(
+            f"error: invalid {kind} name {args[-1]!r}: a name is 1 to"
+        ), refused.output
     assert bird("datasets", "delete", "cli-made").exit_code == 0
     gone = bird("datasets", "delete", "cli-made")
     assert gone.exit_code == 1 and "dataset 'cli-made' not found (HTTP 404)" in gone.output

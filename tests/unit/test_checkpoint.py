@@ -98,6 +98,8 @@ def test_load_student_reproduces_logits_exactly(kind, tmp_path, tiny_image_data,
     assert loaded.meta["model"]["name"] == kind
     probs = loaded.predict_proba(raw)
     assert torch.allclose(probs, torch.softmax(expected, dim=1))
+    # Rows also come as NumPy arrays: new table rows are what `TableEncoding.encode` returns.
+    assert torch.equal(loaded.predict_proba(raw.numpy()), probs)
 
 
 def _trained_bird(

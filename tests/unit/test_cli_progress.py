@@ -55,3 +55,14 @@ def test_a_job_without_progress_or_stage_yet_shows_zero() -> None:
     with JobBars(Console(file=out, force_terminal=False, width=120)) as bars:
         bars.update("job 3", {"state": "queued", "stage": None, "progress": None})
     assert re.search(r"job 3\s+queued\s+.*\b0%", out.getvalue()), out.getvalue()
+
+
+def test_a_long_metrics_summary_is_cut_and_the_job_stays_readable() -> None:
+    """Off a terminal rich draws 80 columns; the val summary of a job is about that long."""
+    summary = "auroc 76.19  accuracy 75  f1 71.03  delta_mean_deo 15.07  delta_max_deo 29.3"
+    out = io.StringIO()
+    with JobBars(Console(file=out, force_terminal=False, width=80)) as bars:
+        bars.update("job 2104195476", _job(0.4), summary)
+    (line,) = [line for line in out.getvalue().splitlines() if line.strip()]
+    assert re.match(r"job 2104195476 +running +━+.* +40% +training +auroc 76\.19 ", line), line
+    assert line.rstrip().endswith("0:00:00") and len(line.rstrip()) <= 80, line
