@@ -246,40 +246,55 @@ def fit_concurrency(wanted: int, demand: RunDemand, capacity: ClusterCapacity) -
     return max(1, min(wanted, by_cpu, by_gpu, by_bundles))
 
 
+def reserved_placement_group_records() -> list[Any]:
+    """The GCS records (``PlacementGroupTableData``) of every placement group not removed.
+
+    Ray's public views (``ray.util.placement_group_table()``, the State API) leave out who made
+    a group and whether its maker is dead; the GCS record, read the way Ray reads it for those
+    views, holds both. An internal API of Ray's: callers must survive its failure."""
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    table = gcs_pb2.PlacementGroupTableData
+    records = (
+        table.FromString(raw)
+        for raw in state._connect_and_get_accessor().get_placement_group_table()
+    )
+    return [record for record in records if record.state != table.REMOVED]
+
+
+def placement_group_of(record: Any) -> Any:
+    """The :class:`~ray.util.placement_group.PlacementGroup` of a GCS record."""
+    from ray.util.placement_group import PlacementGroup
+
+    return PlacementGroup(ray.PlacementGroupID(record.placement_group_id))
+
+
 def release_orphaned_placement_groups() -> int:
     """Remove every placement group still reserved whose creating actor is dead; return how
     many. Groups made by a driver or a task (no creating actor, e.g. Tune's trial groups) and
-    detached ones are left alone: only an actor's own group dies with it in meaning."""
-    from ray._private.state import state
-    from ray.core.generated import gcs_pb2
-    from ray.util.placement_group import PlacementGroup
+    detached ones are left alone: only an actor's own group dies with it in meaning.
 
+    The job's own runs are released through its RunControl (``workers.control``); this is the
+    cluster-wide safety net a job's wait for room uses."""
     if not ray.is_initialized():
         return 0
-    table = gcs_pb2.PlacementGroupTableData
-    reserved = {table.PENDING, table.PREPARED, table.CREATED, table.RESCHEDULING}
-    released = 0
-    # Ray's public table omits the creating actor; its GCS record, read the way Ray reads it
-    # for ray.util.placement_group_table(), holds it.
     try:
-        records = state._connect_and_get_accessor().get_placement_group_table()
+        records = reserved_placement_group_records()
     except Exception:  # an internal API of Ray's: never let it break the caller
         return 0
-    for raw in records:
-        group = table.FromString(raw)
-        creator = ray.ActorID(group.creator_actor_id) if group.creator_actor_id else None
+    released = 0
+    for record in records:
+        creator = ray.ActorID(record.creator_actor_id) if record.creator_actor_id else None
         if (
-            group.state not in reserved
-            or group.is_detached
+            record.is_detached
             or creator is None
             or creator.is_nil()
-            or not group.creator_actor_dead
+            or not record.creator_actor_dead
         ):
             continue
         try:
-            ray.util.remove_placement_group(
-                PlacementGroup(ray.PlacementGroupID(group.placement_group_id))
-            )
+            ray.util.remove_placement_group(placement_group_of(record))
             released += 1
         except Exception:  # removed meanwhile
             continue

@@ -32,7 +32,12 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
 from service.models import JobStage
-from workers.cluster import head_node_resource, release_orphaned_placement_groups
+from workers.cluster import (
+    head_node_resource,
+    placement_group_of,
+    release_orphaned_placement_groups,
+    reserved_placement_group_records,
+)
 from workers.errors import JobCancelled, JobInputError
 
 __all__ = [
@@ -250,19 +255,12 @@ def _wait_ended(actor_ids: list[str], timeout_s: float) -> None:
 
 
 def _placement_groups_made_by(actor_ids: set[str]) -> list[PlacementGroup]:
-    """The placement groups not removed that one of ``actor_ids`` (hex) made.
-
-    The GCS placement-group table is read directly: its public views
-    (``placement_group_table``, the State API) leave out the creator."""
-    from ray._private.state import state
-    from ray.core.generated import gcs_pb2
-
-    found = []
-    for raw in state._connect_and_get_accessor().get_placement_group_table():
-        data = gcs_pb2.PlacementGroupTableData.FromString(raw)
-        if data.state != data.REMOVED and data.creator_actor_id.hex() in actor_ids:
-            found.append(PlacementGroup(ray.PlacementGroupID(data.placement_group_id)))
-    return found
+    """The placement groups not removed that one of ``actor_ids`` (hex) made."""
+    return [
+        placement_group_of(record)
+        for record in reserved_placement_group_records()
+        if record.creator_actor_id.hex() in actor_ids
+    ]
 
 
 class RunKilled(Exception):
@@ -338,8 +336,9 @@ def _kill(ref: Any, control: Any, timeout_s: float = 30) -> None:
         ray.get(ref, timeout=timeout_s)
     if control is not None:
         release_placement_groups(control)
-    # A run killed while it started reserved a group nothing registered yet; its controller
-    # is dead by now (it was owned by the task), unless Ray has yet to record that: then the
-    # next job's wait for room releases it.
+    # The safety net for what the registration above cannot cover: a controller killed before
+    # its registration reached the RunControl may have reserved a group already. Its maker is
+    # dead by now (it was owned by the task), unless Ray has yet to record that: then the next
+    # job's wait for room releases it.
     with contextlib.suppress(Exception):
         release_orphaned_placement_groups()
