@@ -24,7 +24,7 @@ def experiment(
         str,
         typer.Option(
             help="paper (every method, 3 seeds) or gate-ablation (BIRD, its frozen-gate and "
-            "λ_fair = 0 ablations, BKD and AD; 5 paired seeds)."
+            "λ_fair = 0 ablations, BKD and AD; 6 paired seeds, the benchmark setting)."
         ),
     ] = "paper",
     dataset: Annotated[str, typer.Option(help="fashion-mnist-s or adult.")] = "fashion-mnist-s",
