@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ray
-from ray.util.placement_group import placement_group, placement_group_table
+from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table
 
 from workers.cluster import RunDemand, cluster_capacity, wait_for_room
 
@@ -43,9 +43,13 @@ def test_the_group_of_a_killed_actor_is_freed_when_a_job_waits_for_room(ray_loca
         assert _state(orphan) == "REMOVED"
         assert _state(own.id.hex()) == "CREATED" and _state(kept) == "CREATED"
     finally:
+        # Remove every group here, the live actor's too: killing the actor would leave its
+        # group reserved for the rest of the session (the very leak under test), and even a
+        # sliver of a CPU keeps a later 1-CPU task off a 2-CPU cluster.
         ray.util.remove_placement_group(own)
+        for group_id in (kept, orphan):
+            if _state(group_id) != "REMOVED":
+                ray.util.remove_placement_group(
+                    PlacementGroup(ray.PlacementGroupID.from_hex(group_id))
+                )
         ray.kill(alive, no_restart=True)
-        if _state(orphan) != "REMOVED":
-            ray.util.remove_placement_group(
-                ray.util.placement_group.PlacementGroup(ray.PlacementGroupID.from_hex(orphan))
-            )
