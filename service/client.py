@@ -43,6 +43,8 @@ __all__ = [
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 _CHUNK = 1 << 20
+# The job states after which nothing more is written (the API's terminal states).
+_TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 
 
 class BirdError(Exception):
@@ -324,7 +326,9 @@ class BirdClient:
         """
         records = {record["name"]: record for record in self.checkpoints(job_id)}
         if name not in records:
-            have = ", ".join(sorted(records)) or "none yet"
+            have = ", ".join(sorted(records)) or (
+                "none" if self.get_job(job_id)["state"] in _TERMINAL_STATES else "none yet"
+            )
             raise BirdAPIError(
                 404, f"job {job_id} has no checkpoint named {name!r} (it has: {have})"
             )

@@ -638,6 +638,29 @@ def test_checkpoints_on_s3_redirect_to_presigned_urls(
     assert "local object store only" in files.json()["detail"]
 
 
+def test_a_job_without_checkpoints_says_whether_one_may_still_come(
+    live_api: LiveAPI, http: httpx.Client, tiny_dataset: str, tmp_path: Path
+) -> None:
+    job_id = submit(http, tiny_dataset)["id"]
+    missing = http.get(f"/jobs/{job_id}/checkpoints/best")
+    assert missing.status_code == 404
+    assert missing.json()["detail"].endswith("(it has: none yet)")
+    claim_job(live_api, job_id)
+    with live_api.session() as session:
+        queue.fail(session, job_id, "w1", "the dataset is gone")
+    missing = http.get(f"/jobs/{job_id}/checkpoints/best")
+    assert missing.status_code == 404
+    assert missing.json()["detail"].endswith("(it has: none)")
+    # The client's download says the same before it downloads anything.
+    from service.client import BirdAPIError, BirdClient
+
+    with (
+        BirdClient(live_api.base_url, live_api.api_key) as client,
+        pytest.raises(BirdAPIError, match=r"\(it has: none\)$"),
+    ):
+        client.download_checkpoint(job_id, "best", tmp_path)
+
+
 def test_checkpoints_on_a_local_store_are_served_by_the_api(
     live_api_local: LiveAPI, tiny_dataset_local: str
 ) -> None:

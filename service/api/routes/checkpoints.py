@@ -22,7 +22,7 @@ from service import queue
 from service.api.deps import AppState, Caller, DbDep, StateDep, UnresolvableURI
 from service.api.routes.jobs import JOB_ID_MAX, JobId, owned_job_id
 from service.api.schemas import CheckpointPublic, error_responses
-from service.models import Checkpoint
+from service.models import TERMINAL_STATES, Checkpoint, Job, JobState
 from service.storage import InvalidKeyError, LocalStore, ObjectStore, validate_key
 
 __all__ = ["router"]
@@ -93,6 +93,12 @@ async def list_checkpoints(
     return await db.read(work)
 
 
+def _no_checkpoints(connection: Connection, job_id: int) -> str:
+    """What a job without checkpoints has: "none yet" while it may still write one."""
+    state = connection.scalar(select(Job.state).where(Job.id == job_id))
+    return "none" if state is not None and JobState(state) in TERMINAL_STATES else "none yet"
+
+
 @router.get(
     "/jobs/{job_id}/checkpoints/{name}",
     name="download_checkpoint",
@@ -119,7 +125,7 @@ async def download_checkpoint(
             names = connection.scalars(
                 select(Checkpoint.name).where(Checkpoint.job_id == job_id).order_by(Checkpoint.name)
             ).all()
-            have = ", ".join(names) if names else "none yet"
+            have = ", ".join(names) or _no_checkpoints(connection, job_id)
             raise HTTPException(
                 status.HTTP_404_NOT_FOUND,
                 f"job {job_id} has no checkpoint named {name!r} (it has: {have})",
