@@ -33,11 +33,15 @@ from workers.train import (
 
 # 2 ranks × batch B against 1 rank × batch 2B: the same number of samples per step and the same
 # gradient average, but a different split of rows between ranks, per-rank batch-norm statistics
-# and per-rank meta batches (BIRD), so the runs agree closely, not bit for bit. Stated
-# tolerance, in val AUROC points (percent) after 2 epochs, and relative on the last epoch's
-# mean training loss. A restored run is held to the same AUROC tolerance.
-AUROC_TOLERANCE = 4.0
-LOSS_TOLERANCE = 0.15
+# and per-rank meta batches (BIRD), so the runs agree as two seeds do, not bit for bit. Measured
+# on this dataset after 2 epochs, seeds 0-2: val AUROC 66.1-67.9 on one rank and 65.8-74.1 on
+# two; the last epoch's mean training loss 2.333-2.386 over both layouts. The layouts are held
+# to that seed noise (AUROC points, relative loss); the mechanics of DDP are checked exactly
+# (the same number of steps, identical parameters on both ranks after every epoch). A restored
+# run reads its rows from the local store, the uninterrupted one from S3, in another block
+# order (seed 0, two ranks: 70.98 against 73.33): it is held to the same seed noise.
+SEED_NOISE_AUROC = 10.0
+SEED_NOISE_LOSS = 0.05
 
 
 def _plan(data: Any, spec: Any, base: str, **kwargs: Any) -> TrainPlan:
@@ -107,7 +111,7 @@ def test_two_ranks_of_batch_b_match_one_rank_of_batch_2b(
 ) -> None:
     """The one-rank run also asks for bf16 autocast and channels-last: the Ray loop applies
     both (reported from inside the rank, the student's weights checked there) and the run
-    still agrees with the two-rank float32 run within the tolerance."""
+    still agrees with the two-rank float32 run within seed noise."""
     two_ranks, _ = bird_two_ranks
     sink = ActorSink()
     training = {"epochs": 2, "batch_size": 64, "bf16": True, "channels_last": True}
@@ -125,9 +129,10 @@ def test_two_ranks_of_batch_b_match_one_rank_of_batch_2b(
     # Same number of optimisation steps: 2 ranks of B see as many rows per step as 1 of 2B.
     assert two_ranks[-1].step == one_rank[-1].step
     final_two, final_one = two_ranks[-1], one_rank[-1]
-    assert abs(final_two.val["auroc"] - final_one.val["auroc"]) <= AUROC_TOLERANCE
-    loss_two, loss_one = final_two.train["loss"], final_one.train["loss"]
-    assert abs(loss_two - loss_one) <= LOSS_TOLERANCE * loss_one
+    aurocs = (final_two.val["auroc"], final_one.val["auroc"])
+    assert abs(aurocs[0] - aurocs[1]) <= SEED_NOISE_AUROC, aurocs
+    losses = (final_two.train["loss"], final_one.train["loss"])
+    assert abs(losses[0] - losses[1]) <= SEED_NOISE_LOSS * losses[1], losses
 
 
 def test_a_killed_rank_restores_from_the_last_checkpoint_and_finishes(
@@ -154,5 +159,6 @@ def test_a_killed_rank_restores_from_the_last_checkpoint_and_finishes(
     assert [r.epoch for r in records] == [1, 2]
     assert outcome.last is not None and outcome.last["epoch"] == 2
     assert all(r.rank_param_max_diff == 0.0 for r in records)
-    # Same seed as the uninterrupted run: the final metrics agree within the stated tolerance.
-    assert abs(records[-1].val["auroc"] - uninterrupted[-1].val["auroc"]) <= AUROC_TOLERANCE
+    # Same seed as the uninterrupted run: the final metrics agree within seed noise.
+    aurocs = (records[-1].val["auroc"], uninterrupted[-1].val["auroc"])
+    assert abs(aurocs[0] - aurocs[1]) <= SEED_NOISE_AUROC, aurocs
