@@ -27,7 +27,7 @@ from cli.common import (
     fail,
 )
 
-__all__ = ["TERMINAL_STATES", "jobs_app", "load_spec"]
+__all__ = ["jobs_app", "load_spec"]
 
 jobs_app = typer.Typer(
     help="Jobs on a bird API server: submit, list, show, watch, cancel, download.",
@@ -35,7 +35,6 @@ jobs_app = typer.Typer(
     add_completion=False,
 )
 
-TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 # What `watch` and `show` print from a split's latest metrics, in this order.
 SUMMARY_METRICS = ("auroc", "accuracy", "f1", "delta_mean_deo", "delta_max_deo")
 # `watch` rides out an API restart this long before giving up.
@@ -212,7 +211,7 @@ def watch(
     Exits 0 when the job succeeded, 1 when it failed or was cancelled, 3 on --timeout.
     """
     from cli.progress import JobBars
-    from service.client import BirdConnectionError, BirdError
+    from service.client import TERMINAL_STATES, BirdConnectionError, BirdError
 
     client = api_client(url, key)
     started = time.monotonic()

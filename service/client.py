@@ -33,6 +33,7 @@ import httpx
 
 __all__ = [
     "DEFAULT_URL",
+    "TERMINAL_STATES",
     "BirdAPIError",
     "BirdClient",
     "BirdConnectionError",
@@ -44,7 +45,7 @@ __all__ = [
 DEFAULT_URL = "http://127.0.0.1:8000"
 _CHUNK = 1 << 20
 # The job states after which nothing more is written (the API's terminal states).
-_TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 
 
 class BirdError(Exception):
@@ -327,7 +328,7 @@ class BirdClient:
         records = {record["name"]: record for record in self.checkpoints(job_id)}
         if name not in records:
             have = ", ".join(sorted(records)) or (
-                "none" if self.get_job(job_id)["state"] in _TERMINAL_STATES else "none yet"
+                "none" if self.get_job(job_id)["state"] in TERMINAL_STATES else "none yet"
             )
             raise BirdAPIError(
                 404, f"job {job_id} has no checkpoint named {name!r} (it has: {have})"
