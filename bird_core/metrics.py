@@ -536,7 +536,9 @@ def fairness_report(
 
     Predictions are the arg-max (multi-class) or ``score > 0.5`` (multi-label). Keys:
     ``auroc, f1, accuracy, deo, delta_mean_deo, delta_max_deo, equalized_odds_difference,
-    demographic_parity_difference, groups, num_samples``. Values are plain Python numbers and
+    demographic_parity_difference, groups, num_samples, predicted_classes`` (how many classes
+    the predictions use: with one, every group gets the same rates and the Δ-DEO of 0 says
+    nothing about fairness). Values are plain Python numbers and
     lists; an undefined value (a DEO entry, a Δ-DEO when every DEO entry is undefined, or a
     group's TPR/FPR) is ``None``.
 
@@ -565,4 +567,21 @@ def fairness_report(
         "demographic_parity_difference": _dpd(counts),
         "groups": rows,
         "num_samples": int(y.shape[0]),
+        "predicted_classes": predicted_classes(p, task),
     }
+
+
+def predicted_classes(preds: Any, task: Task = "multiclass") -> int:
+    """How many classes ``preds`` use: distinct labels (multi-class) or labels predicted for at
+    least one row (multi-label, a 0/1 matrix)."""
+    p = _to_numpy(preds, "preds")
+    if task == "multilabel":
+        return int((p.reshape(p.shape[0], -1) > 0).any(axis=0).sum())
+    return int(np.unique(p).size)
+
+
+def predicts_one_class(report: dict[str, Any]) -> bool:
+    """Whether a :func:`fairness_report` is of predictions that use a single class (a report
+    without ``predicted_classes``, from before it was recorded, is taken as not)."""
+    used = report.get("predicted_classes")
+    return isinstance(used, int) and not isinstance(used, bool) and used < 2

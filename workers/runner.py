@@ -31,6 +31,7 @@ import ray
 from pydantic import ValidationError
 from sqlalchemy import Engine, func, select
 
+from bird_core.metrics import predicts_one_class
 from bird_datasets.location import tenant_prefix
 from service import queue
 from service.db import make_engine, session_factory
@@ -137,11 +138,18 @@ class _Heartbeat(threading.Thread):
 
 def finish_summary(test: dict[str, Any] | None) -> str:
     """The message of a job's finish (its event, its last log line): the test AUROC, rounded
-    as everywhere a user reads it (it was printed with every digit of the float)."""
+    as everywhere a user reads it (it was printed with every digit of the float), and a warning
+    when the student predicts a single class."""
     auroc = (test or {}).get("auroc")
-    if isinstance(auroc, int | float) and not isinstance(auroc, bool):
-        return f"test AUROC {auroc:.2f}"
-    return "no test AUROC"
+    if not isinstance(auroc, int | float) or isinstance(auroc, bool):
+        return "no test AUROC"
+    summary = f"test AUROC {auroc:.2f}"
+    if predicts_one_class(test or {}):
+        summary += (
+            "; the student predicts one class for every test row, so its Δ-DEO says nothing"
+            " about fairness (train longer, or on more data)"
+        )
+    return summary
 
 
 class Worker:

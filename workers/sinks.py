@@ -38,6 +38,7 @@ REPORT_SCALARS = (
     "delta_max_deo",
     "equalized_odds_difference",
     "demographic_parity_difference",
+    "predicted_classes",
 )
 GROUP_FIELDS = ("count", "accuracy", "tpr", "fpr")
 

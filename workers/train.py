@@ -51,6 +51,7 @@ from bird_core.checkpoint import load_training_state, save_checkpoint
 from bird_core.data.base import Split
 from bird_core.methods import create_method
 from bird_core.methods.base import StepContext
+from bird_core.metrics import predicts_one_class
 from bird_core.models import create_model
 from bird_core.preprocess import Preprocessor
 from bird_core.train import (
@@ -196,6 +197,10 @@ class TrainOutcome:
 
 # An epoch that breaks a search's Δ_mean-DEO bound scores below any epoch that keeps it.
 _INFEASIBLE = -1000.0
+# An epoch whose student predicts one class for every val row scores below both (by its AUROC
+# among such epochs): its Δ-DEO of 0 is no fairness, and would otherwise win on it. Seen on a
+# small dataset of a user's, where a search kept a one-class student as "best" (Δ 0).
+_ONE_CLASS = -2000.0
 
 
 def search_score(val: dict[str, Any], objective: ObjectiveSpec) -> float:
@@ -203,6 +208,8 @@ def search_score(val: dict[str, Any], objective: ObjectiveSpec) -> float:
     auroc, deo = val.get("auroc"), val.get("delta_mean_deo")
     if auroc is None or not math.isfinite(auroc):
         return -math.inf
+    if predicts_one_class(val):
+        return _ONE_CLASS + float(auroc)
     deo_value = float(deo) if deo is not None and math.isfinite(deo) else 0.0
     if objective.kind == "weighted":
         return float(auroc) - objective.fairness_weight * deo_value
@@ -215,7 +222,8 @@ def objective_score(val: dict[str, Any], spec: JobSpec) -> float:
     """The value ``best`` maximises.
 
     Under a search: the search's objective (:func:`search_score`). Otherwise the training
-    objective: val AUROC, or AUROC − fairness_weight · Δ_mean-DEO.
+    objective: val AUROC, or AUROC − fairness_weight · Δ_mean-DEO. Where Δ_mean-DEO counts, an
+    epoch whose student predicts one class ranks below every other.
     """
     if spec.search is not None:
         return search_score(val, spec.search.objective)
@@ -224,6 +232,8 @@ def objective_score(val: dict[str, Any], spec: JobSpec) -> float:
         return -math.inf
     if spec.training.objective == "auroc":
         return float(auroc)
+    if predicts_one_class(val):
+        return _ONE_CLASS + float(auroc)
     deo = val.get("delta_mean_deo")
     if deo is None or not math.isfinite(deo):
         return float(auroc)  # no group has both positives and negatives: nothing to penalise

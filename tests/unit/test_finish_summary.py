@@ -13,3 +13,10 @@ def test_the_test_auroc_is_rounded_like_every_other_figure_a_user_reads() -> Non
 def test_a_run_without_test_metrics_says_so() -> None:
     assert finish_summary(None) == "no test AUROC"
     assert finish_summary({"auroc": None}) == "no test AUROC"
+
+
+def test_a_student_that_predicts_one_class_is_called_out() -> None:
+    summary = finish_summary({"auroc": 75.2, "delta_mean_deo": 0.0, "predicted_classes": 1})
+    assert summary.startswith("test AUROC 75.20; the student predicts one class")
+    assert "Δ-DEO says nothing" in summary
+    assert finish_summary({"auroc": 75.2, "predicted_classes": 3}) == "test AUROC 75.20"
