@@ -26,6 +26,7 @@ from cli.common import (
     explain_and_exit,
     fail,
 )
+from cli.progress import stage_to_show
 
 __all__ = ["jobs_app", "load_spec"]
 
@@ -140,7 +141,7 @@ def list_jobs(
             (
                 str(job["id"]),
                 job["state"],
-                job["stage"] or "-",
+                stage_to_show(job) or "-",
                 _percent(job),
                 job["method"],
                 job["dataset"],
@@ -175,7 +176,7 @@ def show(
     lines = [
         ("job", str(job["id"])),
         ("state", job["state"] + (" (cancel requested)" if job["cancel_requested"] else "")),
-        ("stage", job["stage"] or "-"),
+        ("stage", stage_to_show(job) or "-"),
         ("progress", _percent(job)),
         ("attempts", f"{job['attempts']} of {job['max_attempts']}"),
         ("priority", str(job["priority"])),

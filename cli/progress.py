@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
     from rich.table import Column
 
-__all__ = ["JobBars"]
+__all__ = ["JobBars", "stage_to_show"]
 
 
 class JobBars:
@@ -83,8 +83,15 @@ class JobBars:
             self.tasks[label],
             completed=100 * min(max(float(job.get("progress") or 0), 0.0), 1.0),
             state=state,
-            # A finished job keeps its last stage; only a failure's is worth showing.
-            stage="" if state in ("succeeded", "cancelled") else job.get("stage") or "",
+            stage=stage_to_show(job) or "",
             metrics=metrics,
         )
         self.progress.refresh()
+
+
+def stage_to_show(job: dict[str, Any]) -> str | None:
+    """The stage a user reads for ``job``: a finished job keeps its last stage in the API, and
+    only a failure's (where it failed) is worth showing."""
+    if job.get("state") in ("succeeded", "cancelled"):
+        return None
+    return job.get("stage") or None

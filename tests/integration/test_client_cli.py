@@ -306,6 +306,12 @@ def test_cli_watch_follows_a_job_to_the_end(live_api: LiveAPI, tiny_dataset: str
     # Off a terminal the bar is written once, in its last state: not a line per poll.
     bars = [line for line in lines[:-1] if line.startswith(f"job {job_id} ")]
     assert len(bars) == 1 and "succeeded" in bars[0] and "auroc 0.8" in bars[0], lines
+    # The API keeps the finished job's last stage ("training"); show and list leave it out.
+    shown = run_cli(live_api, "jobs", "show", str(job_id)).stdout
+    assert "stage     -" in shown.splitlines(), shown
+    listed = [line for line in run_cli(live_api, "jobs", "list").stdout.splitlines()]
+    row = next(line.split() for line in listed if line.startswith(f"{job_id} "))
+    assert row[1:3] == ["succeeded", "-"], row
 
     cancelled = run_cli(live_api, "jobs", "cancel", str(job_id))
     assert cancelled.exit_code == 1
