@@ -30,6 +30,7 @@ from service.storage import join_key
 from tests.e2e.conftest import E2E_DATASET, job_spec, running_worker
 from tests.integration.api_fixtures import LiveAPI
 from tests.integration.train_fixtures import TrainData, copy_dataset_and_features
+from tests.ray_checks import wait_for_free_cpus
 from workers.features import MANIFEST_NAME, find_features
 from workers.pipeline import SLOW_STAGE_ENV
 
@@ -82,13 +83,7 @@ def _cancel_and_time(api: LiveAPI, client: BirdClient, job_id: int, case: str) -
 def _assert_cluster_free(timeout_s: float = 60) -> None:
     """Every CPU of the session's cluster is free again: no run, placement group or actor of
     the case holds one."""
-    import ray
-
-    total = ray.cluster_resources().get("CPU", 0.0)
-    deadline = time.monotonic() + timeout_s
-    while ray.available_resources().get("CPU", 0.0) < total - 1e-6:
-        assert time.monotonic() < deadline, (ray.available_resources(), total)
-        time.sleep(0.2)
+    wait_for_free_cpus(timeout_s)
 
 
 def _val_epochs(client: BirdClient, job_id: int) -> list[tuple[int | None, int]]:

@@ -10,6 +10,7 @@ from typing import Any
 from bird_core.checkpoint import load_student
 from bird_core.train import evaluate
 from service.storage import join_key
+from tests.ray_checks import wait_for_free_cpus
 from workers.checkpoints import download_checkpoint
 from workers.sinks import ActorSink
 from workers.train import RayStorage, build_datasets, plan_training, search_score
@@ -120,6 +121,8 @@ def test_asha_search_stops_weak_trials_and_its_best_checkpoint_loads(
     assert all(not sink.records() for sink in again_sinks.values())
     assert again.trials == outcome.trials
     assert again.best == outcome.best
+    # Both searches gave back every CPU they reserved.
+    wait_for_free_cpus()
 
 
 def test_a_trial_stopped_while_its_workers_start_leaves_no_placement_group(
@@ -153,6 +156,7 @@ def test_a_trial_stopped_while_its_workers_start_leaves_no_placement_group(
     )
     datasets = build_datasets(data.store, data.features, plan)
     total = ray.cluster_resources()["CPU"]
+    wait_for_free_cpus()  # and if not, what holds them
     busy = placement_group([{"CPU": total}])
     ray.get(busy.ready(), timeout=60)
 
@@ -190,7 +194,4 @@ def test_a_trial_stopped_while_its_workers_start_leaves_no_placement_group(
         ray.kill(trial)
         remove_placement_group(busy)
         ray.kill(control)
-    deadline = time.monotonic() + 30
-    while ray.available_resources().get("CPU", 0.0) < total:
-        assert time.monotonic() < deadline, (ray.available_resources(), total)
-        time.sleep(0.2)
+    wait_for_free_cpus(30)
