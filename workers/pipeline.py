@@ -82,6 +82,7 @@ __all__ = [
     "JobResult",
     "job_prefix",
     "run_job",
+    "search_summary",
 ]
 
 RESULT_NAME = "result.json"
@@ -317,6 +318,7 @@ def run_job(
         assert search is not None
         if search.best is None:
             raise RuntimeError("no trial of the search produced a result")
+        log("info", search_summary(search))
         _adopt_trial_best(store, database_url, job_id, search.best.checkpoint_base, attempt)
 
     control.enter(JobStage.EVALUATING, 0.92)
@@ -569,6 +571,28 @@ def _checkpoint_records(database_url: str, job_id: int) -> dict[str, dict[str, A
             }
     finally:
         engine.dispose()
+
+
+def search_summary(search: Any) -> str:
+    """One log line after a search: its trials by outcome and the winner with its parameters and
+    best val metrics (the job's log said nothing between the features and the finish before)."""
+    outcomes: dict[str, int] = {}
+    for trial in search.trials:
+        outcomes[trial.state] = outcomes.get(trial.state, 0) + 1
+    counted = ", ".join(
+        f"{count} {state.replace('_', ' ')}" for state, count in sorted(outcomes.items())
+    )
+    best = search.best
+    params = ", ".join(
+        f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}"
+        for name, value in sorted(best.params.items())
+    )
+    val = best.best_val
+    return (
+        f"search: {len(search.trials)} trial(s) ({counted}); best trial {best.index} "
+        f"({params}) at epoch {val.get('epoch')}: val AUROC {val.get('auroc', float('nan')):.2f}, "
+        f"Δ_mean-DEO {val.get('delta_mean_deo', float('nan')):.2f}"
+    )
 
 
 def _record_trials(database_url: str, job_id: int, search: Any, attempt: int | None) -> None:

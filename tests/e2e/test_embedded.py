@@ -191,6 +191,9 @@ def test_a_search_on_the_embedded_default_succeeds_with_other_ray_on_the_machine
     assert _val_epochs(embedded, job_id) == [(0, 1), (1, 1), (2, 1), (3, 1)]
     # The concurrency was fitted to the cluster: 4 asked, one at a time fits in 2 CPUs.
     assert any("1 trial(s) at a time instead of 4" in m for m in _logs(embedded, job_id))
+    # The log says how the search went and which trial won.
+    summary = [m for m in _logs(embedded, job_id) if m.startswith("search: 4 trial(s) (")]
+    assert len(summary) == 1 and "best trial" in summary[0] and "phi_lr=" in summary[0], summary
     names = {c["name"] for c in embedded.get(f"/jobs/{job_id}/checkpoints")}
     assert "best" in names
 
