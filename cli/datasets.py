@@ -210,13 +210,31 @@ def datasets_validate(
 
 @datasets_app.command("describe")
 def datasets_describe(
-    uri: Annotated[str, typer.Argument(help="s3://bucket/prefix or a local directory.")],
+    uri: Annotated[
+        str,
+        typer.Argument(
+            help="s3://bucket/prefix, a local directory, or datasets/NAME (yours on the server)."
+        ),
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="Print the counts as JSON.")] = False,
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = None,
 ) -> None:
     """Print the rows per split × class × group, with each class's majority-group share."""
+    from pathlib import Path
+
     from bird_datasets.describe import describe_dataset, render_description
     from service.storage import StorageError
 
+    if uri.startswith("datasets/") and not Path(uri).exists():
+        # The name jobs use: the dataset is on the server (a local directory of that path wins).
+        name = uri.removeprefix("datasets/")
+        check_name("dataset", name)
+        with api_client(url, key) as client:
+            served = call_api(lambda: client.describe_dataset(name))
+        table = served.pop("table")
+        typer.echo(json.dumps(served, indent=2) if as_json else table)
+        return
     store, prefix = open_dataset_uri(uri)
     try:
         description = describe_dataset(store, prefix)

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
 from bird_datasets.location import tenant_prefix
+from cli.app import app
 from service.client import BirdAPIError, BirdClient
 from service.storage import LocalStore, S3Store, open_store
 from tests.integration.api_fixtures import (
@@ -97,6 +99,16 @@ def test_push_list_describe_use_and_delete_a_dataset_on_s3(
         assert "train" in described["table"] and "group" in described["table"]
         # The answer names the dataset as the tenant does, never the bucket or the prefix.
         assert store.bucket not in json.dumps(described)
+
+    # The CLI describes it by the name jobs use, from the server (as it does a local copy).
+    env = {"BIRD_URL": live_api.base_url, "BIRD_API_KEY": live_api.api_key}
+    shown = CliRunner().invoke(app, ["datasets", "describe", "datasets/mine"], env=env)
+    assert shown.exit_code == 0, shown.output
+    assert shown.stdout.rstrip("\n") == described["table"]
+    counts = CliRunner().invoke(app, ["datasets", "describe", "datasets/mine", "--json"], env=env)
+    assert json.loads(counts.stdout)["splits"] == described["splits"]
+    missing = CliRunner().invoke(app, ["datasets", "describe", "datasets/nope"], env=env)
+    assert missing.exit_code == 1 and "dataset 'nope' not found" in missing.stderr
 
     job = http.post("/jobs", json=job_spec("datasets/mine"))
     assert job.status_code == 201, job.text
