@@ -262,13 +262,12 @@ class Stack:
 
     def val_epochs(self, job_id: int) -> list[tuple[int | None, int | None]]:
         with self.sessions() as session:
-            return list(
-                session.execute(
-                    select(Metric.trial, Metric.epoch).where(
-                        Metric.job_id == job_id, Metric.split == "val", Metric.name == "objective"
-                    )
-                ).tuples()
+            rows = session.execute(
+                select(Metric.trial, Metric.epoch).where(
+                    Metric.job_id == job_id, Metric.split == "val", Metric.name == "objective"
+                )
             )
+            return [(trial, epoch) for trial, epoch in rows]
 
     def stop(self) -> None:
         for process in self.workers:
