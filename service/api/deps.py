@@ -235,6 +235,17 @@ class AppState:
         except InvalidKeyError as exc:
             raise UnresolvableURI(str(exc)) from None
 
+    def object_name(self, uri: str | None) -> str | None:
+        """How a tenant reads a stored object's URI: its key (``jobs/<id>/checkpoints/best.tar``).
+        The bucket, the deployment's prefix and the server's directories are the deployment's,
+        not the tenant's, as in the job errors the workers redact; downloads go by ``url``."""
+        if uri is None:
+            return None
+        try:
+            return self.resolve_object(uri)[1]
+        except UnresolvableURI:
+            return uri.rstrip("/").rsplit("/", 1)[-1]  # the name alone, never the location
+
 
 @dataclass(frozen=True)
 class Caller:

@@ -208,11 +208,16 @@ class TrialPublic(_Out):
     checkpoint_uri: str | None
 
     @classmethod
-    def from_row(cls, row: Trial) -> TrialPublic:
-        """A trial from a ``trials`` row (its JSON columns made valid UTF-8, as for a job)."""
+    def from_row(cls, row: Trial, checkpoint_name: str | None) -> TrialPublic:
+        """A trial from a ``trials`` row (its JSON columns made valid UTF-8, as for a job), with
+        its best checkpoint named as the tenant reads it (``AppState.object_name``)."""
         trial = cls.model_validate(row)
         return trial.model_copy(
-            update={"params": valid_text(trial.params), "metrics": valid_text(trial.metrics)}
+            update={
+                "params": valid_text(trial.params),
+                "metrics": valid_text(trial.metrics),
+                "checkpoint_uri": checkpoint_name,
+            }
         )
 
 
@@ -258,7 +263,10 @@ class CheckpointPublic(BaseModel):
     """A downloadable checkpoint archive (``<name>.tar``; see the module docstring)."""
 
     name: str
-    uri: str = Field(description="Where the archive lives in the object store.")
+    uri: str = Field(
+        description="The archive's key in the deployment's store "
+        "(jobs/<id>/checkpoints/<name>.tar); download it from url."
+    )
     size: int = Field(description="Bytes of the archive.")
     sha256: str = Field(description="sha256 of the archive; verify it after downloading.")
     created_at: datetime
@@ -268,11 +276,12 @@ class CheckpointPublic(BaseModel):
     )
 
     @classmethod
-    def from_row(cls, row: Checkpoint, url: str) -> CheckpointPublic:
-        """A checkpoint from a ``checkpoints`` row and its download URL."""
+    def from_row(cls, row: Checkpoint, url: str, name_in_store: str) -> CheckpointPublic:
+        """A checkpoint from a ``checkpoints`` row, its download URL and its key as the tenant
+        reads it (``AppState.object_name``)."""
         return cls(
             name=row.name,
-            uri=row.uri,
+            uri=name_in_store,
             size=row.size,
             sha256=row.sha256,
             created_at=row.created_at,

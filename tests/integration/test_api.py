@@ -7,6 +7,7 @@ each other's jobs.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import socket
 import time
@@ -548,7 +549,8 @@ def test_trials_events_and_logs(live_api: LiveAPI, http: httpx.Client, tiny_data
         )
         queue.upsert_trial(
             session, job_id, 0, state="done", params={"phi_lr": 1.0},
-            metrics={"auroc": math.nan}, checkpoint_uri="s3://b/jobs/1/trials/0",
+            metrics={"auroc": math.nan},
+            checkpoint_uri=live_api.store.uri(f"jobs/{job_id}/trials/0/checkpoints/best.tar"),
         )  # fmt: skip
         for index in range(3):
             queue.append_log(session, job_id, "info", f"line {index}")
@@ -559,7 +561,8 @@ def test_trials_events_and_logs(live_api: LiveAPI, http: httpx.Client, tiny_data
             "params": {"phi_lr": 1.0},
             "metrics": {"auroc": None},
             "state": "done",
-            "checkpoint_uri": "s3://b/jobs/1/trials/0",
+            # By its key: the deployment's bucket and prefix are not the tenant's.
+            "checkpoint_uri": f"jobs/{job_id}/trials/0/checkpoints/best.tar",
         },
         {
             "trial_index": 1,
@@ -612,7 +615,8 @@ def test_checkpoints_on_s3_redirect_to_presigned_urls(
     record = listing[0]
     assert record["size"] == len(best)
     assert record["sha256"] == hashlib.sha256(best).hexdigest()
-    assert record["uri"] == live_api.store.uri(f"jobs/{job_id}/checkpoints/best.tar")
+    # By its key, not the deployment's s3://bucket/prefix (the presigned url has to name them).
+    assert record["uri"] == f"jobs/{job_id}/checkpoints/best.tar"
     assert record["url"].startswith(live_api.settings.s3_endpoint_url)
     assert "Signature=" in record["url"] or "X-Amz-Signature=" in record["url"]
     # The presigned URL works without any bird key.
@@ -671,7 +675,9 @@ def test_checkpoints_on_a_local_store_are_served_by_the_api(
 
         [record] = http.get(f"/jobs/{job_id}/checkpoints").json()
         assert record["url"] == f"{api.base_url}/files/jobs/{job_id}/checkpoints/best.tar"
-        assert record["uri"].startswith("file://")
+        # By its key: the server's directories stay its own.
+        assert record["uri"] == f"jobs/{job_id}/checkpoints/best.tar"
+        assert str(api.store.root) not in json.dumps(record)
         via_files = http.get(record["url"])
         assert via_files.status_code == 200
         assert via_files.content == data

@@ -88,7 +88,10 @@ async def list_checkpoints(
             .where(Checkpoint.job_id == job_id)
             .order_by(Checkpoint.name)
         ).all()
-        return [CheckpointPublic.from_row(row, _url(state, request, row)) for row in rows]
+        return [
+            CheckpointPublic.from_row(row, _url(state, request, row), state.object_name(row.uri))
+            for row in rows
+        ]
 
     return await db.read(work)
 
@@ -142,7 +145,8 @@ async def download_checkpoint(
             if path is None:
                 raise HTTPException(
                     status.HTTP_404_NOT_FOUND,
-                    f"checkpoint {name!r} of job {job_id} is recorded at {row.uri}, "
+                    f"checkpoint {name!r} of job {job_id} is recorded at "
+                    f"{state.object_name(row.uri)}, "
                     "but the archive is not in the store",
                 )
             return FileResponse(path, media_type=_TAR, filename=f"{name}.tar", headers=headers)

@@ -575,7 +575,7 @@ async def get_metrics(job_id: JobId, db: DbDep, since: Since = 0) -> MetricsPubl
     summary="Trials of the job's search",
     responses=_NOT_FOUND,
 )
-async def get_trials(job_id: JobId, db: DbDep) -> list[TrialPublic]:
+async def get_trials(job_id: JobId, db: DbDep, state: StateDep) -> list[TrialPublic]:
     """The trials of the job's hyper-parameter search, by index (empty without a search)."""
 
     def work(connection: Connection, caller: Caller) -> list[TrialPublic]:
@@ -583,7 +583,7 @@ async def get_trials(job_id: JobId, db: DbDep) -> list[TrialPublic]:
         trials = connection.execute(
             select(Trial.__table__).where(Trial.job_id == job_id).order_by(Trial.trial_index)
         ).all()
-        return [TrialPublic.from_row(trial) for trial in trials]
+        return [TrialPublic.from_row(t, state.object_name(t.checkpoint_uri)) for t in trials]
 
     return await db.read(work)
 
