@@ -31,6 +31,7 @@ import os
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -576,9 +577,7 @@ def _checkpoint_records(database_url: str, job_id: int) -> dict[str, dict[str, A
 def search_summary(search: Any) -> str:
     """One log line after a search: its trials by outcome and the winner with its parameters and
     best val metrics (the job's log said nothing between the features and the finish before)."""
-    outcomes: dict[str, int] = {}
-    for trial in search.trials:
-        outcomes[trial.state] = outcomes.get(trial.state, 0) + 1
+    outcomes = Counter(trial.state for trial in search.trials)
     counted = ", ".join(
         f"{count} {state.replace('_', ' ')}" for state, count in sorted(outcomes.items())
     )
