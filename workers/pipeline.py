@@ -213,14 +213,15 @@ def run_job(
     base = job_prefix(job_id)
     database_url = settings.resolved_database_url
     attempt = control.attempt
-    control.enter(JobStage.PRECOMPUTING, 0.01)
-
-    # A request the cluster can never hold fails now, before anything is read or computed.
+    # A request the cluster can never hold fails now, before anything is read or computed,
+    # and before any stage is entered: it never started precomputing.
     demand = RunDemand.of(spec)
     capacity = cluster_capacity()
     problem = check_feasible(demand, capacity)
     if problem is not None:
         raise JobInputError(problem)
+
+    control.enter(JobStage.PRECOMPUTING, 0.01)
 
     data: dict[str, Any] = {}
     with _inputs_at_fault(spec, lambda: data.get("uri")):

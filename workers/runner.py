@@ -298,20 +298,26 @@ class Worker:
 
     def _failure(self, job: Any, control: JobControl, error: Exception) -> tuple[str, str]:
         """The outcome of a job that raised: fail at once (its inputs are at fault, or no
-        attempt is left) or retry; the traceback goes to the job's log, redacted, and to the
-        server's log as it is."""
+        attempt is left) or retry. The traceback goes to the job's log, redacted, and to the
+        server's log as it is, unless the job's inputs are at fault (one warning line then)."""
         if control.lease_lost.is_set():
             log.info(
                 "job %s: attempt %s ended after losing its lease: %r", job.id, job.attempts, error
             )
             return ("retry", "")
-        log.error("job %s: attempt %s failed", job.id, job.attempts, exc_info=error)
+        cause = input_error_in(error)
+        if cause is None:
+            log.error("job %s: attempt %s failed", job.id, job.attempts, exc_info=error)
+        else:
+            # The job's own inputs are at fault, not the server: one line in the server's log;
+            # the traceback still goes to the job's log for whoever submitted it.
+            log.warning("job %s: attempt %s failed on its inputs: %s", job.id, job.attempts, cause)
         self._log(job, "error", error_report(error, self._redactor(job)))
         remote = getattr(error, "report", "")
         if remote:  # where inside the Ray run the error was found
-            log.error("job %s: in its Ray run:\n%s", job.id, remote)
+            if cause is None:
+                log.error("job %s: in its Ray run:\n%s", job.id, remote)
             self._log(job, "error", f"in the Ray run:\n{remote}")
-        cause = input_error_in(error)
         if cause is not None:
             return ("fail", error_summary(cause, self._redactor(job), with_type=False))
         detail = error_summary(root_cause(error), self._redactor(job))

@@ -128,6 +128,7 @@ def test_waiting_for_resources_is_visible_cancellable_and_bounded_and_never_is_r
             )
             assert job["state"] == "failed" and job["attempts"] == 1, job
             assert "64 workers × 1 CPU" in job["error"] and "2 CPUs" in job["error"], job["error"]
+            assert job["stage"] is None, job  # it failed before any stage began
 
         # The wait is bounded (resource_wait_s): past it the job fails, saying what was free.
         with running_worker(live_api, heartbeat_s=HEARTBEAT_S, resource_wait_s=2):
@@ -268,7 +269,7 @@ def test_an_input_error_inside_a_ray_run_fails_once_with_one_line(
 
 
 def test_a_corrupt_dataset_part_fails_at_once_naming_the_part(
-    live_api: LiveAPI, e2e_dataset: Any, ray_local: str
+    live_api: LiveAPI, e2e_dataset: Any, ray_local: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     store = live_api.store
     prefix = "datasets/fm-corrupt"
@@ -292,6 +293,14 @@ def test_a_corrupt_dataset_part_fails_at_once_naming_the_part(
     assert job["error"].startswith(f"dataset {prefix}: part {part} does not match"), job["error"]
     bucket = live_api.settings.resolved_store_url.split("/")[2]
     assert bucket not in job["error"] and "tenants/" not in job["error"]
+    # The job's inputs are at fault, not the server: one warning line in the server's log,
+    # no traceback logged as an error (the traceback is in the job's own log).
+    about_job = [r for r in caplog.records if f"job {job_id}" in r.getMessage()]
+    assert any(
+        r.levelname == "WARNING" and "failed on its inputs" in r.getMessage() for r in about_job
+    ), [r.getMessage() for r in about_job]
+    assert not [r for r in about_job if r.levelno >= logging.ERROR or r.exc_info], about_job
+    assert any(m.startswith("Traceback") for m in _messages(client, job_id))
 
 
 def test_an_s3_endpoint_failure_shows_tenants_no_endpoint_or_bucket(
