@@ -260,6 +260,9 @@ def run_job(
     run = {"control": control, "grace_s": settings.stop_grace_s}
     result = JobResult()
     if spec.search is None:
+        # Ray Train takes a while to start its workers (about a minute on a busy machine)
+        # before the first epoch moves the progress: say what is happening meanwhile.
+        log("info", f"training: starting Ray Train with {demand.describe()}")
         try:
             outcome = run_on_ray(
                 train_job_run,
@@ -294,6 +297,11 @@ def run_job(
                 f"search: {concurrency} trial(s) at a time instead of {wanted}: one trial takes "
                 f"{demand.describe()} and the Ray cluster has {capacity.describe()}",
             )
+        log(
+            "info",
+            f"search: starting Ray Tune with {spec.search.num_samples} trial(s), "
+            f"{concurrency} at a time, each {demand.describe()}",
+        )
         search = None
         # Killed after its grace (JobCancelled): the trials so far are in the database.
         with contextlib.suppress(JobCancelled):

@@ -191,6 +191,10 @@ def test_a_search_on_the_embedded_default_succeeds_with_other_ray_on_the_machine
     assert _val_epochs(embedded, job_id) == [(0, 1), (1, 1), (2, 1), (3, 1)]
     # The concurrency was fitted to the cluster: 4 asked, one at a time fits in 2 CPUs.
     assert any("1 trial(s) at a time instead of 4" in m for m in _logs(embedded, job_id))
+    assert any(
+        m.startswith("search: starting Ray Tune with 4 trial(s), 1 at a time, each 1 worker")
+        for m in _logs(embedded, job_id)
+    ), _logs(embedded, job_id)
     # The log says how the search went and which trial won.
     summary = [m for m in _logs(embedded, job_id) if m.startswith("search: 4 trial(s) (")]
     assert len(summary) == 1 and "best trial" in summary[0] and "phi_lr=" in summary[0], summary
@@ -234,7 +238,9 @@ def test_cancelling_a_search_keeps_its_best_checkpoint_and_the_worker_goes_on(
     job_id = embedded.post("/jobs", whole).json()["id"]
     job = embedded.wait(job_id, TERMINAL, timeout_s=240)
     assert job["state"] == "succeeded", (job, _logs(embedded, job_id))
-    assert not any(m.startswith("waiting up to") for m in _logs(embedded, job_id))
+    messages = _logs(embedded, job_id)
+    assert not any(m.startswith("waiting up to") for m in messages)
+    assert "training: starting Ray Train with 2 workers × 1 CPU (2 CPUs)" in messages, messages
 
     # The same worker takes the next job: a request the cluster can never hold fails at once.
     infeasible = job_spec(epochs=1)
