@@ -263,6 +263,9 @@ class SearchSpec(_Strict):
         default_factory=lambda: {
             "phi_lr": Distribution(kind="loguniform", low=0.005, high=0.5),  # Adam steps on φ
             "lambda_kd": Distribution(kind="uniform", low=0.1, high=3.0),
+            # The weight of KD to the gated logits trades the gate's reach (high) against the
+            # student's AUROC (low): docs/results.md, "Closing the AUROC gap to AD".
+            "lambda_logit": Distribution(kind="loguniform", low=0.5, high=5.0),
             "gamma": Distribution(kind="uniform", low=0.5, high=10.0),
             "lambda_fair": Distribution(kind="uniform", low=0.5, high=10.0),
         },

@@ -61,3 +61,17 @@ def test_bad_specs_name_the_field(payload, field):
     with pytest.raises(ValidationError) as info:
         JobSpec.model_validate({"dataset": {"uri": "d"}, **payload})
     assert field in str(info.value)
+
+
+def test_default_search_space_samples_only_valid_bird_options():
+    """Every bound of every default distribution is a value BIRD accepts for that option."""
+    from bird_core.methods.bird import BIRDOptions
+
+    spec = JobSpec.model_validate({"dataset": {"uri": "datasets/fm"}, "search": {}})
+    assert spec.search is not None
+    space = spec.search.space
+    assert {"phi_lr", "lambda_logit", "lambda_fair", "gamma"} <= set(space)
+    for name, distribution in space.items():
+        assert name in METHOD_OPTIONS["bird"], name
+        for value in (distribution.low, distribution.high):
+            BIRDOptions(**{name: value})  # raises on a value out of range
