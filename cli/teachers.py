@@ -58,6 +58,7 @@ def teachers_train(
     then uses it as {"kind": "model", "weights_uri": "teachers/NAME"} (the command prints both).
     """
     # torch/bird_core: imported only when this command runs, so `bird --help` stays fast.
+    from bird_core.metrics import predicts_one_class
     from bird_core.models import available_models
     from bird_datasets.format import DatasetFormatError, DatasetNotFoundError
     from service.storage import StorageError, join_key
@@ -120,6 +121,14 @@ def teachers_train(
     )
     weights_uri = out_store.uri(join_key(out_prefix, TEACHER_WEIGHTS))
     typer.echo(f"published teacher {arch} {options} to {out_store.uri(out_prefix)}: {scores}")
+    if predicts_one_class({"predicted_classes": meta.get("test_predicted_classes")}):
+        # Its accuracy is then the majority class's share and its Δ-DEO 0: it teaches nothing.
+        typer.echo(
+            f"warning: the teacher predicts one class for every test row after {epochs} "
+            "epoch(s), so a student learns nothing from it and its delta-mean-DEO says nothing "
+            f"about fairness; train it longer (--epochs {max(epochs * 10, 30)}) or on more data",
+            err=True,
+        )
     if out.startswith("s3://"):
         typer.echo(
             "use it in a job spec as: "

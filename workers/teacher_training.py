@@ -169,5 +169,6 @@ def train_teacher(
         "dataset_uri": dataset_uri,
         "test_accuracy": test_metrics.get("accuracy"),
         "test_delta_mean_deo": test_metrics.get("delta_mean_deo"),
+        "test_predicted_classes": test_metrics.get("predicted_classes"),
     }
     return publish(out_store, out_prefix, files, metadata=summary)

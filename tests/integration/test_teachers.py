@@ -334,3 +334,56 @@ def test_teachers_train_reports_bad_input_in_one_line(
     _s3_env(monkeypatch, s3_settings)
     no_bucket = run("--dataset", dataset, "--out", "s3://no-such-bucket/t", "--epochs", "1")
     assert no_bucket.exit_code == 1 and "no-such-bucket" in no_bucket.stderr
+
+
+def _write_table(path: Path, *, signal: bool) -> None:
+    """A 400-row CSV: a numeric feature, the group, and a yes/no label that is "yes" for one row
+    in ten. With ``signal`` the label follows the feature; without it the feature is noise."""
+    generator = np.random.default_rng(0)
+    lines = ["x,sex,outcome"]
+    for row in range(400):
+        positive = row % 10 == 0
+        x = (3.0 if positive else -3.0) if signal else 0.0
+        x += float(generator.normal())
+        lines.append(f"{x:.4f},{'F' if (row // 10) % 2 else 'M'},{'yes' if positive else 'no'}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("signal", [False, True], ids=["noise", "signal"])
+def test_teachers_train_warns_when_the_teacher_predicts_one_class(
+    tmp_path: Path, signal: bool
+) -> None:
+    """A teacher that predicts the majority class for every test row reports the majority's
+    share as its accuracy and a Δ-DEO of 0: the command says so and how to do better."""
+    _write_table(tmp_path / "table.csv", signal=signal)
+    runner = CliRunner()
+    data = str(tmp_path / "data")
+    imported = runner.invoke(
+        app,
+        [
+            *("datasets", "import", "table", str(tmp_path / "table.csv"), "--out", data),
+            *("--label", "outcome", "--group", "sex"),
+        ],
+    )
+    assert imported.exit_code == 0, imported.output
+    out = str(tmp_path / "teacher")
+    epochs = "30" if signal else "3"
+    trained = runner.invoke(
+        app,
+        [
+            *("teachers", "train", "--dataset", data, "--out", out),
+            *("--arch", "mlp", "--epochs", epochs),
+        ],
+    )
+    assert trained.exit_code == 0, trained.output
+    assert "published teacher mlp" in trained.stdout
+    recorded = json.loads((tmp_path / "teacher" / "teacher.json").read_text())
+    predicted = recorded["test_metrics"]["predicted_classes"]
+    if signal:
+        assert predicted == 2, recorded["test_metrics"]
+        assert "warning" not in trained.stderr, trained.stderr
+    else:
+        assert predicted == 1, recorded["test_metrics"]
+        warning = trained.stderr.strip()
+        assert warning.startswith("warning: the teacher predicts one class"), trained.stderr
+        assert "after 3 epoch(s)" in warning and "--epochs 30" in warning, warning
