@@ -63,10 +63,14 @@ def worker(
     settings = load_settings()
     configure_logging(settings.log_level)
     _prepare_database(settings, migrate=settings.resolved_database_url.startswith("sqlite"))
+    from workers.cluster import ClusterUnfit
     from workers.runner import Worker, connect_ray
 
     runner = Worker(settings)
-    connect_ray(settings)
+    try:
+        connect_ray(settings)
+    except ClusterUnfit as error:
+        fail(str(error), 1)
     stop = threading.Event()
     # SIGTERM (docker stop, Kubernetes) ends the loop once the current job is done. Installed
     # after ray.init, which sets a SIGTERM handler of its own that exits the process at once,
@@ -106,10 +110,14 @@ def serve(
     stop = threading.Event()
     threads: list[threading.Thread] = []
     if not api_only and workers:
+        from workers.cluster import ClusterUnfit
         from workers.runner import Worker, connect_ray
 
         typer.echo("starting Ray ...", err=True)
-        connect_ray(settings)  # in the main thread, before the workers need it
+        try:
+            connect_ray(settings)  # in the main thread, before the workers need it
+        except ClusterUnfit as error:
+            fail(str(error), 1)
         for index in range(workers):
             # Opaque ids, as every worker's (tenants read them in job logs); the server's log
             # says which process and host each is.

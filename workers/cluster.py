@@ -17,6 +17,9 @@
   controller had just reserved: nothing registered it yet (Ray Train's own cleaner and the
   job's RunControl learn of it only once the workers run), and a group outlives the actor that
   made it for as long as the worker's Ray job (the ``bird worker`` process) lives.
+* :func:`connect_ray` also refuses a cluster whose State API does not answer
+  (:class:`ClusterUnfit`): without it the first trial of a search keeps its CPUs after it
+  ends, and the search waits for ever for the second.
 * :func:`check_feasible` fails a job at once when the cluster can never hold one run;
   :func:`fit_concurrency` caps a search's concurrent trials at what the cluster holds;
   :func:`wait_for_room` waits, boundedly and cancellably, until the cluster has room now.
@@ -31,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import ray
 
 from service.settings import Settings
@@ -38,6 +42,7 @@ from service.spec import JobSpec
 
 __all__ = [
     "ClusterCapacity",
+    "ClusterUnfit",
     "NoRoom",
     "RunDemand",
     "check_feasible",
@@ -57,6 +62,13 @@ TRIAL_DRIVER_CPU = 0.01
 _HEAD_NODE_RESOURCE = "node:__internal_head__"
 # Slack for float sums of fractional CPUs (3 × 0.33 must fit in 1).
 _EPSILON = 1e-6
+# How long a just-started dashboard may take to answer its State API.
+STATE_API_WAIT_S = 30.0
+
+
+class ClusterUnfit(RuntimeError):
+    """The Ray cluster lacks something every search needs (its State API); the message says
+    how to start it."""
 
 
 def _free_port() -> int:
@@ -87,7 +99,7 @@ def connect_ray(settings: Settings) -> None:
     address = settings.ray_address
     if address in (None, "local"):
         port = _free_port()
-        ray.init(
+        context = ray.init(
             # "local": a cluster of our own; "auto" would join whatever Ray runs on the machine.
             address="local",
             include_dashboard=True,
@@ -96,11 +108,59 @@ def connect_ray(settings: Settings) -> None:
             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
             **common,
         )
-        return
-    if address != "auto" and "://" not in address:
-        ray.init(address=address, runtime_env={"env_vars": {"RAY_ADDRESS": address}}, **common)
-        return
-    ray.init(address=address, **common)
+    elif address != "auto" and "://" not in address:
+        context = ray.init(
+            address=address, runtime_env={"env_vars": {"RAY_ADDRESS": address}}, **common
+        )
+    else:
+        context = ray.init(address=address, **common)
+        if address.startswith("ray://"):
+            # The job's processes run on the cluster's side of the Ray Client server, which
+            # reaches the dashboard; this machine may well not.
+            return
+    try:
+        check_state_api(context.dashboard_url, address or "local")
+    except ClusterUnfit:
+        ray.shutdown()  # a later connect_ray checks again instead of using this cluster
+        raise
+
+
+def check_state_api(dashboard_url: str | None, address: str) -> None:
+    """Raise :class:`ClusterUnfit` unless the State API of the cluster's dashboard (at
+    ``dashboard_url``, as the cluster registered it) answers within :data:`STATE_API_WAIT_S`.
+
+    Ray Train frees the CPUs of a trial that ended from a helper that asks this API whether the
+    trial's controller is alive; where the API does not answer, it never frees them, and the
+    next trial of the search waits for ever with nothing in any log.
+    """
+    why = (
+        "Ray Train asks it to free the CPUs of each trial a search ends, so a search would "
+        "wait for ever after its first trial"
+    )
+    if not dashboard_url:
+        raise ClusterUnfit(
+            f"the Ray cluster at {address} runs without its dashboard, which serves Ray's State "
+            f"API: {why}. Start its head with the dashboard (ray start --head "
+            "--include-dashboard=true, which needs ray[default]; add --dashboard-host=0.0.0.0 "
+            "where workers run on other hosts)"
+        )
+    url = dashboard_url if "://" in dashboard_url else f"http://{dashboard_url}"
+    deadline = time.monotonic() + STATE_API_WAIT_S
+    while True:
+        try:
+            response = httpx.get(f"{url}/api/v0/nodes", params={"limit": 1}, timeout=5)
+            if response.status_code == 200:
+                return
+            problem = f"HTTP {response.status_code}"
+        except httpx.HTTPError as error:
+            problem = f"{type(error).__name__}: {error}"
+        if time.monotonic() > deadline:
+            raise ClusterUnfit(
+                f"the State API of the Ray cluster at {address} does not answer at {url} "
+                f"({problem}) after {STATE_API_WAIT_S:.0f} s: {why}. Make its dashboard "
+                "reachable from every node (ray start --head --dashboard-host=0.0.0.0)"
+            )
+        time.sleep(0.5)
 
 
 def head_node_resource() -> dict[str, float]:
@@ -143,9 +203,9 @@ class RunDemand:
         per = f"{_number(self.cpus_per_worker)} CPU"
         if self.gpus_per_worker:
             per += f" + {_number(self.gpus_per_worker)} GPU"
-        total = f"{_number(self.cpus)} CPUs"
+        total = _count(self.cpus, "CPU")
         if self.gpus:
-            total += f", {_number(self.gpus)} GPUs"
+            total += f", {_count(self.gpus, 'GPU')}"
         noun = "worker" if self.workers == 1 else "workers"
         return f"{self.workers} {noun} × {per} ({total})"
 
@@ -202,6 +262,11 @@ class ClusterCapacity:
 
 def _number(value: float) -> str:
     return f"{value:g}"
+
+
+def _count(value: float, noun: str) -> str:
+    """``1 CPU``, ``2 CPUs``, ``1.01 CPUs``."""
+    return f"{_number(value)} {noun}{'' if value == 1 else 's'}"
 
 
 def cluster_capacity() -> ClusterCapacity:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -45,3 +47,66 @@ def test_worker_logs_what_it_does_and_stops_cleanly_on_sigterm(ray_local: str, t
     assert " INFO bird.worker: worker worker-" in text, text[-3000:]
     assert "ran 0 job(s)" in text, text[-3000:]
     assert "SIGTERM received" not in text, text[-3000:]
+
+
+def test_worker_refuses_a_ray_cluster_without_its_state_api(tmp_path: Path) -> None:
+    """A head started with --include-dashboard=false has no State API, and Ray Train then never
+    frees the CPUs of a search's ended trials: the search hung after its first trial with
+    nothing in any log. The worker refuses such a cluster at start, saying how to start it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_API_SERVER_ADDRESS", None)
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    head_log = tmp_path / "head.log"
+    head = subprocess.Popen(
+        [
+            ray_cli,
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--num-cpus=1",
+            "--node-ip-address=127.0.0.1",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=head_log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while "Ray runtime started" not in head_log.read_text():
+            assert head.poll() is None, head_log.read_text()[-3000:]
+            assert time.monotonic() < deadline, head_log.read_text()[-3000:]
+            time.sleep(0.2)
+        worker = subprocess.run(
+            [sys.executable, "-m", "cli", "worker"],
+            env={
+                **env,
+                "BIRD_DATA_DIR": str(tmp_path / "data"),
+                "BIRD_RAY_ADDRESS": f"127.0.0.1:{port}",
+            },
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(timeout=5)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
+    assert worker.returncode == 1, worker.stderr[-3000:]
+    error = worker.stderr.strip().splitlines()[-1]
+    assert error.startswith(
+        f"error: the Ray cluster at 127.0.0.1:{port} runs without its dashboard"
+    )
+    assert "--include-dashboard=true" in error and "search" in error, error
+    assert "Traceback" not in worker.stderr, worker.stderr[-3000:]
+    assert "polling for jobs" not in worker.stderr

@@ -43,6 +43,7 @@ def test_a_search_trial_reserves_its_workers_and_a_sliver_for_its_driver() -> No
     trial = RunDemand.of(_spec(search=True))
     assert trial.cpus == pytest.approx(1.01)
     assert trial.describe() == "1 worker × 1 CPU (1.01 CPUs)"
+    assert RunDemand.of(_spec()).describe() == "1 worker × 1 CPU (1 CPU)"
 
 
 def test_a_request_beyond_the_cluster_is_infeasible_and_the_message_says_what_it_has() -> None:
