@@ -54,6 +54,9 @@ class EpochRecord:
     objective: float
     seconds: float
     trial: int | None = None
+    # The trial's sampled options: its row shows them from its first epoch, not only once the
+    # search has ended.
+    trial_params: dict[str, Any] | None = None
     stopped: bool = False
     checkpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
     rank_param_max_diff: float = 0.0
@@ -253,6 +256,7 @@ class DatabaseSink:
                     self.job_id,
                     record.trial,
                     state="running",
+                    params=record.trial_params,
                     metrics={
                         "epoch": record.epoch,
                         "objective": record.objective,

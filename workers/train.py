@@ -159,6 +159,8 @@ class TrainPlan:
     settings: Settings
     checkpoint_base: str | None  # where best/last are published, e.g. jobs/7/checkpoints
     trial: int | None = None
+    # A search trial's sampled options (a subset of method_options), recorded with its epochs.
+    trial_params: dict[str, Any] | None = None
     run_control: str | None = None  # name of the job's RunControl actor
     fault: FaultInjection | None = None
     step_delay_s: float = 0.0  # see SLOW_STEP_ENV
@@ -740,6 +742,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 objective=score,
                 seconds=time.perf_counter() - started,
                 trial=plan.trial,
+                trial_params=plan.trial_params,
                 checkpoints=published,
                 rank_param_max_diff=divergence,
                 resumed_from_epoch=resumed_from,
