@@ -291,16 +291,16 @@ def run_job(
 
         wanted = spec.search.max_concurrent_trials
         concurrency = fit_concurrency(wanted, demand, capacity)
-        if concurrency < wanted:
-            log(
-                "info",
-                f"search: {concurrency} trial(s) at a time instead of {wanted}: one trial takes "
-                f"{demand.describe()} and the Ray cluster has {capacity.describe()}",
-            )
+        reduced = (
+            f" ({concurrency} trial(s) at a time instead of {wanted}: the Ray cluster has "
+            f"{capacity.describe()})"
+            if concurrency < wanted
+            else ""
+        )
         log(
             "info",
             f"search: starting Ray Tune with {spec.search.num_samples} trial(s), "
-            f"{concurrency} at a time, each {demand.describe()}",
+            f"{concurrency} at a time, each {demand.describe()}{reduced}",
         )
         search = None
         # Killed after its grace (JobCancelled): the trials so far are in the database.

@@ -306,17 +306,17 @@ class Worker:
             )
             return ("retry", "")
         cause = input_error_in(error)
+        remote = getattr(error, "report", "")  # where inside the Ray run the error was found
         if cause is None:
             log.error("job %s: attempt %s failed", job.id, job.attempts, exc_info=error)
+            if remote:
+                log.error("job %s: in its Ray run:\n%s", job.id, remote)
         else:
             # The job's own inputs are at fault, not the server: one line in the server's log;
             # the traceback still goes to the job's log for whoever submitted it.
             log.warning("job %s: attempt %s failed on its inputs: %s", job.id, job.attempts, cause)
         self._log(job, "error", error_report(error, self._redactor(job)))
-        remote = getattr(error, "report", "")
-        if remote:  # where inside the Ray run the error was found
-            if cause is None:
-                log.error("job %s: in its Ray run:\n%s", job.id, remote)
+        if remote:
             self._log(job, "error", f"in the Ray run:\n{remote}")
         if cause is not None:
             return ("fail", error_summary(cause, self._redactor(job), with_type=False))
