@@ -34,7 +34,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import ray
 
 from service.settings import Settings
@@ -145,15 +144,17 @@ def check_state_api(dashboard_url: str | None, address: str) -> None:
             "where workers run on other hosts)"
         )
     url = dashboard_url if "://" in dashboard_url else f"http://{dashboard_url}"
+    # Ray's own State API client, as Ray Train's helper uses it: it sends the cluster's auth
+    # token where token authentication is on (Ray's default; a plain request gets HTTP 401).
+    from ray.util.state import list_nodes
+
     deadline = time.monotonic() + STATE_API_WAIT_S
     while True:
         try:
-            response = httpx.get(f"{url}/api/v0/nodes", params={"limit": 1}, timeout=5)
-            if response.status_code == 200:
-                return
-            problem = f"HTTP {response.status_code}"
-        except httpx.HTTPError as error:
-            problem = f"{type(error).__name__}: {error}"
+            list_nodes(address=url, limit=1, timeout=5, raise_on_missing_output=False)
+            return
+        except Exception as error:  # connection refused while it starts, an HTTP error, ...
+            problem = " ".join(f"{type(error).__name__}: {error}".split())[:300]
         if time.monotonic() > deadline:
             raise ClusterUnfit(
                 f"the State API of the Ray cluster at {address} does not answer at {url} "

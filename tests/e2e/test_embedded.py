@@ -96,7 +96,10 @@ def embedded(
     env = {
         key: value
         for key, value in os.environ.items()
-        if not key.startswith(("BIRD_", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"))
+        # As a user runs it: no Ray address, and Ray's token authentication on (its default;
+        # the session's cluster turns it off, and a check that sent no token passed here
+        # while `make run` failed).
+        if not key.startswith(("BIRD_", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE"))
     }
     env.update(
         BIRD_DATA_DIR=str(data_dir),
