@@ -197,6 +197,34 @@ def show(
         typer.echo(f"{name.ljust(width)}  {value}")
 
 
+@jobs_app.command("logs")
+def logs(
+    job_id: JobIdArgument,
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Print a job's log, oldest line first: what its worker did and said (the search's
+    summary, warnings, and an error's traceback)."""
+    client = api_client(url, key)
+    items: list[dict[str, Any]] = []
+    with client:
+        since = 0
+        while True:  # the API answers at most 1,000 lines at a time
+            page = call_api(lambda after=since: client.logs(job_id, since=after))
+            if not page["items"]:
+                break
+            items.extend(page["items"])
+            since = page["next_since"]
+    if as_json:
+        typer.echo(json.dumps(items, indent=2))
+        return
+    if not items:
+        typer.echo(f"job {job_id} has no log lines yet", err=True)
+    for item in items:
+        typer.echo(f"{item['at']}  {item['level'].upper():<7}  {item['message']}")
+
+
 @jobs_app.command("watch")
 def watch(
     job_id: JobIdArgument,

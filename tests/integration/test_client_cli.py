@@ -286,6 +286,8 @@ def test_cli_watch_follows_a_job_to_the_end(live_api: LiveAPI, tiny_dataset: str
                 if claimed.id == job_id:
                     break
             time.sleep(0.3)
+            queue.append_log(session, job_id, "info", "training: starting", attempt=1)
+            queue.append_log(session, job_id, "warning", "two lines\n  the second", attempt=1)
             queue.heartbeat(session, job_id, "w", 300, progress=0.5, stage="training")
             queue.record_metrics(
                 session, job_id, [{"split": "val", "name": "auroc", "value": 0.8, "epoch": 0}]
@@ -312,6 +314,20 @@ def test_cli_watch_follows_a_job_to_the_end(live_api: LiveAPI, tiny_dataset: str
     listed = [line for line in run_cli(live_api, "jobs", "list").stdout.splitlines()]
     row = next(line.split() for line in listed if line.startswith(f"{job_id} "))
     assert row[1:3] == ["succeeded", "-"], row
+
+    # The job's log, as its worker wrote it, oldest first; a message's own lines kept.
+    logged = run_cli(live_api, "jobs", "logs", str(job_id))
+    assert logged.exit_code == 0, logged.output
+    lines = logged.stdout.splitlines()
+    assert lines[0].endswith("  INFO     training: starting"), lines
+    assert lines[1].endswith("  WARNING  two lines") and lines[2] == "  the second", lines
+    as_json = json.loads(run_cli(live_api, "jobs", "logs", str(job_id), "--json").stdout)
+    assert [item["message"] for item in as_json][:2] == [
+        "training: starting",
+        "two lines\n  the second",
+    ]
+    missing = run_cli(live_api, "jobs", "logs", "999999999")
+    assert missing.exit_code == 1 and missing.stderr.startswith("error: "), missing.output
 
     cancelled = run_cli(live_api, "jobs", "cancel", str(job_id))
     assert cancelled.exit_code == 1
