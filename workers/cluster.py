@@ -27,10 +27,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,11 +42,13 @@ from service.settings import Settings
 from service.spec import JobSpec
 
 __all__ = [
+    "STATE_API_WAIT_S",
     "ClusterCapacity",
     "ClusterUnfit",
     "NoRoom",
     "RunDemand",
     "check_feasible",
+    "check_state_api",
     "cluster_capacity",
     "connect_ray",
     "fit_concurrency",
@@ -113,20 +117,23 @@ def connect_ray(settings: Settings) -> None:
         )
     else:
         context = ray.init(address=address, **common)
-        if address.startswith("ray://"):
-            # The job's processes run on the cluster's side of the Ray Client server, which
-            # reaches the dashboard; this machine may well not.
-            return
     try:
-        check_state_api(context.dashboard_url, address or "local")
+        check_state_api(
+            context.dashboard_url,
+            address or "local",
+            # Through Ray Client the job's processes run on the cluster's side, which reaches
+            # the dashboard; this machine may well not: only its presence is checked here.
+            probe=not ray.util.client.ray.is_connected(),
+        )
     except ClusterUnfit:
         ray.shutdown()  # a later connect_ray checks again instead of using this cluster
         raise
 
 
-def check_state_api(dashboard_url: str | None, address: str) -> None:
-    """Raise :class:`ClusterUnfit` unless the State API of the cluster's dashboard (at
-    ``dashboard_url``, as the cluster registered it) answers within :data:`STATE_API_WAIT_S`.
+def check_state_api(dashboard_url: str | None, address: str, *, probe: bool = True) -> None:
+    """Raise :class:`ClusterUnfit` unless the cluster has a dashboard (``dashboard_url``, as
+    the cluster registered it) whose State API answers within :data:`STATE_API_WAIT_S`
+    (``probe=False``: only that it has one). ``address`` is ``local`` for bird's own Ray.
 
     Ray Train frees the CPUs of a trial that ended from a helper that asks this API whether the
     trial's controller is alive; where the API does not answer, it never frees them, and the
@@ -136,32 +143,75 @@ def check_state_api(dashboard_url: str | None, address: str) -> None:
         "Ray Train asks it to free the CPUs of each trial a search ends, so a search would "
         "wait for ever after its first trial"
     )
+    embedded = address == "local"
     if not dashboard_url:
+        if embedded:
+            raise ClusterUnfit(f"bird's own Ray started without its dashboard: {why}")
         raise ClusterUnfit(
             f"the Ray cluster at {address} runs without its dashboard, which serves Ray's State "
             f"API: {why}. Start its head with the dashboard (ray start --head "
             "--include-dashboard=true, which needs ray[default]; add --dashboard-host=0.0.0.0 "
             "where workers run on other hosts)"
         )
+    if not probe:
+        return
     url = dashboard_url if "://" in dashboard_url else f"http://{dashboard_url}"
-    # Ray's own State API client, as Ray Train's helper uses it: it sends the cluster's auth
-    # token where token authentication is on (Ray's default; a plain request gets HTTP 401).
-    from ray.util.state import list_nodes
-
     deadline = time.monotonic() + STATE_API_WAIT_S
     while True:
-        try:
-            list_nodes(address=url, limit=1, timeout=5, raise_on_missing_output=False)
+        problem = _state_api_problem(url)
+        if problem is None:
             return
-        except Exception as error:  # connection refused while it starts, an HTTP error, ...
-            problem = " ".join(f"{type(error).__name__}: {error}".split())[:300]
         if time.monotonic() > deadline:
+            where = (
+                f"the State API of bird's own Ray (its dashboard at {url})"
+                if embedded
+                else f"the State API of the Ray cluster at {address} (its dashboard at {url})"
+            )
+            advice = (
+                ""
+                if embedded
+                else ". Make the dashboard reachable from every node (ray start --head "
+                "--dashboard-host=0.0.0.0)"
+            )
             raise ClusterUnfit(
-                f"the State API of the Ray cluster at {address} does not answer at {url} "
-                f"({problem}) after {STATE_API_WAIT_S:.0f} s: {why}. Make its dashboard "
-                "reachable from every node (ray start --head --dashboard-host=0.0.0.0)"
+                f"{where} does not answer after {STATE_API_WAIT_S:.0f} s ({problem}): {why}{advice}"
             )
         time.sleep(0.5)
+
+
+def _state_api_problem(url: str) -> str | None:
+    """None when the State API at ``url`` lists the cluster's nodes, else what went wrong.
+
+    Asked with Ray's own client, as Ray Train's helper asks it: it sends the cluster's auth
+    token where token authentication is on (Ray's default: a plain request gets HTTP 401). That
+    client takes its address from RAY_API_SERVER_ADDRESS, then RAY_ADDRESS, before its
+    argument; the first is set to ``url`` for the call, so that a variable exported in the
+    shell never makes it ask another cluster.
+    """
+    from ray.util.state import list_nodes
+
+    with _environment(RAY_API_SERVER_ADDRESS=url):
+        try:
+            list_nodes(address=url, limit=1, timeout=5, raise_on_missing_output=False)
+        except Exception as error:  # refused while it starts, an HTTP error, ...
+            return " ".join(f"{type(error).__name__}: {error}".split())[:300]
+    return None
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """Set environment variables for the block and restore them after it (connect_ray runs
+    before any worker thread starts, so nothing else reads them meanwhile)."""
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def head_node_resource() -> dict[str, float]:
@@ -243,9 +293,16 @@ class ClusterCapacity:
         most_cpus = max((node.cpus for node in self.nodes), default=0.0)
         most_gpus = max((node.gpus for node in self.nodes), default=0.0)
         return (
-            f"{_number(self.cpus)} CPUs and {_number(self.gpus)} GPUs in total "
-            f"({nodes} node{'s' if nodes != 1 else ''}; at most {_number(most_cpus)} CPUs and "
-            f"{_number(most_gpus)} GPUs on one)"
+            f"{_count(self.cpus, 'CPU')} and {_count(self.gpus, 'GPU')} in total "
+            f"({_count(nodes, 'node')}; at most {_count(most_cpus, 'CPU')} and "
+            f"{_count(most_gpus, 'GPU')} on one)"
+        )
+
+    def describe_free(self) -> str:
+        """E.g. ``1 CPU and 0 GPUs free of 2 CPUs and 0 GPUs in total (…)``."""
+        return (
+            f"{_count(self.available_cpus, 'CPU')} and {_count(self.available_gpus, 'GPU')} "
+            f"free of {self.describe()}"
         )
 
     def workers_that_fit(self, demand: RunDemand) -> int:
@@ -411,7 +468,6 @@ def wait_for_room(
         if time.monotonic() >= deadline:
             raise NoRoom(
                 f"waited {timeout_s:g} s for room for {demand.describe()}: the Ray cluster "
-                f"had {_number(current.available_cpus)} CPUs and "
-                f"{_number(current.available_gpus)} GPUs free of {current.describe()}"
+                f"had {current.describe_free()}"
             )
         time.sleep(poll_s)

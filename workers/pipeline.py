@@ -424,8 +424,7 @@ def _wait_for_room(
         log(
             "info",
             f"waiting up to {settings.resource_wait_s} s for room for {demand.describe()}: "
-            f"the Ray cluster has {capacity.available_cpus:g} CPUs and "
-            f"{capacity.available_gpus:g} GPUs free of {capacity.describe()}",
+            f"the Ray cluster has {capacity.describe_free()}",
         )
 
     if not wait_for_room(

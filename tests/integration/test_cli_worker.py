@@ -22,6 +22,9 @@ def test_worker_logs_what_it_does_and_stops_cleanly_on_sigterm(ray_local: str, t
         "BIRD_DATA_DIR": str(tmp_path / "data"),  # SQLite and a local store, migrated at start
         "BIRD_RAY_ADDRESS": ray_local,
         "BIRD_LOG_LEVEL": "info",
+        # A State API address left in the shell, of no cluster: the worker's check of its own
+        # cluster's State API must not ask it (Ray's client prefers it to its argument).
+        "RAY_API_SERVER_ADDRESS": "http://127.0.0.1:1",
     }
     with log.open("w") as out:
         process = subprocess.Popen(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 
 import pytest
@@ -9,10 +11,12 @@ import pytest
 from service.spec import JobSpec
 from workers.cluster import (
     ClusterCapacity,
+    ClusterUnfit,
     NodeResources,
     NoRoom,
     RunDemand,
     check_feasible,
+    check_state_api,
     fit_concurrency,
     wait_for_room,
 )
@@ -99,3 +103,40 @@ def test_the_wait_for_room_is_visible_bounded_and_stoppable() -> None:
     )
     free = _cluster((2, 0))
     assert wait_for_room(demand, timeout_s=0, should_stop=lambda: False, capacity=lambda: free)
+
+
+def test_a_cluster_without_a_state_api_is_refused_saying_how_to_start_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No dashboard at all, or one whose State API does not answer: ClusterUnfit, with advice
+    for a joined cluster and none about `ray start` for bird's own Ray. The address the
+    environment names (a shell's RAY_API_SERVER_ADDRESS) is restored after the check (that
+    the check asks the cluster's own dashboard even then: tests/integration/test_cli_worker.py)."""
+    import workers.cluster as cluster
+
+    with pytest.raises(ClusterUnfit, match=r"at 10\.0\.0\.1:6379 runs without its dashboard"):
+        check_state_api(None, "10.0.0.1:6379")
+    with pytest.raises(ClusterUnfit, match=r"^bird's own Ray started without its dashboard"):
+        check_state_api("", "local")
+    check_state_api("10.0.0.1:8265", "ray://10.0.0.1:10001", probe=False)  # present: enough
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setattr(cluster, "STATE_API_WAIT_S", 0.2)
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:1")
+    with pytest.raises(ClusterUnfit) as joined:
+        check_state_api(dead, "10.0.0.1:6379")
+    message = str(joined.value)
+    assert message.startswith(
+        f"the State API of the Ray cluster at 10.0.0.1:6379 (its dashboard at http://{dead}) "
+        "does not answer after 0 s ("
+    ), message
+    assert "--dashboard-host=0.0.0.0" in message and "search" in message
+    with pytest.raises(ClusterUnfit) as embedded:
+        check_state_api(dead, "local")
+    assert str(embedded.value).startswith(
+        f"the State API of bird's own Ray (its dashboard at http://{dead})"
+    )
+    assert "ray start" not in str(embedded.value)
+    assert os.environ["RAY_API_SERVER_ADDRESS"] == "http://127.0.0.1:1"  # restored
