@@ -104,9 +104,6 @@ def serve(
     embedded = settings.resolved_database_url.startswith("sqlite")
     # The embedded default migrates itself; production runs `bird db upgrade` as its own step.
     _prepare_database(settings, migrate=embedded)
-    # Only the embedded default makes a key of its own: a production API's output is container
-    # logs, where a working key would let in anyone who reads them (keys: `bird keys create`).
-    key = _first_start_key(settings) if embedded else None
     stop = threading.Event()
     threads: list[threading.Thread] = []
     if not api_only and workers:
@@ -128,6 +125,11 @@ def serve(
             )
             thread.start()
             threads.append(thread)
+    # Only the embedded default makes a key of its own: a production API's output is container
+    # logs, where a working key would let in anyone who reads them (keys: `bird keys create`).
+    # Made once Ray is up: a start that fails before printing it must not store a key that no
+    # one saw (the next start would make none).
+    key = _first_start_key(settings) if embedded else None
     base = f"http://{settings.api_host}:{settings.api_port}"
     typer.echo(f"bird API:   {base}  (OpenAPI at {base}/docs)")
     typer.echo(f"dashboard:  {base}/ui/")
