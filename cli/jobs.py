@@ -214,15 +214,17 @@ def logs(
             page = call_api(lambda after=since: client.logs(job_id, since=after))
             if not page["items"]:
                 break
-            items.extend(page["items"])
             since = page["next_since"]
+            if as_json:
+                items.extend(page["items"])
+                continue
+            for item in page["items"]:  # printed as each page arrives
+                typer.echo(f"{item['at']}  {item['level'].upper():<7}  {item['message']}")
+            items.append(page["items"][-1])
     if as_json:
         typer.echo(json.dumps(items, indent=2))
-        return
-    if not items:
+    elif not items:
         typer.echo(f"job {job_id} has no log lines yet", err=True)
-    for item in items:
-        typer.echo(f"{item['at']}  {item['level'].upper():<7}  {item['message']}")
 
 
 @jobs_app.command("watch")

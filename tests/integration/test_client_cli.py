@@ -326,6 +326,12 @@ def test_cli_watch_follows_a_job_to_the_end(live_api: LiveAPI, tiny_dataset: str
         "training: starting",
         "two lines\n  the second",
     ]
+    # More lines than one answer holds (1,000): every one, in order, once.
+    with live_api.session() as session:
+        for index in range(1_001):
+            queue.append_log(session, job_id, "debug", f"line {index}")
+    paged = run_cli(live_api, "jobs", "logs", str(job_id)).stdout.splitlines()
+    assert [line.rsplit("  ", 1)[-1] for line in paged[3:]] == [f"line {i}" for i in range(1_001)]
     missing = run_cli(live_api, "jobs", "logs", "999999999")
     assert missing.exit_code == 1 and missing.stderr.startswith("error: "), missing.output
 
