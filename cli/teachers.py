@@ -121,12 +121,14 @@ def teachers_train(
     )
     weights_uri = out_store.uri(join_key(out_prefix, TEACHER_WEIGHTS))
     typer.echo(f"published teacher {arch} {options} to {out_store.uri(out_prefix)}: {scores}")
-    if predicts_one_class({"predicted_classes": meta.get("test_predicted_classes")}):
+    used = meta.get("test_predicted_classes")
+    if predicts_one_class({"predicted_classes": used}):
         # Its accuracy is then the majority class's share and its Δ-DEO 0: it teaches nothing.
         typer.echo(
-            f"warning: the teacher predicts one class for every test row after {epochs} "
-            "epoch(s), so a student learns nothing from it and its delta-mean-DEO says nothing "
-            f"about fairness; train it longer (--epochs {max(epochs * 10, 30)}) or on more data",
+            f"warning: the teacher predicts {used} of {meta.get('num_classes')} classes on the "
+            f"test split after {epochs} epoch(s), so a student learns nothing from it and its "
+            "delta-mean-DEO says nothing about fairness; train it longer "
+            f"(--epochs {max(epochs * 10, 30)}) or on more data",
             err=True,
         )
     if out.startswith("s3://"):
