@@ -4,13 +4,14 @@ illegal ones, leases and the reaper, and exactly-once claims under concurrency."
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 import time
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import Engine, func, insert, select
+from sqlalchemy import URL, Engine, func, insert, select
 from sqlalchemy.orm import Session
 
 from service import queue
@@ -737,6 +738,41 @@ def test_job_ids_are_random_and_a_taken_id_is_drawn_again(
     if 12345 not in ids:
         assert queue.submit(db_session, db_tenant_id, {"n": "again"}).id == 12345
     assert fresh(db_session, ids[0]).spec == {"n": 0}
+
+
+def test_a_trial_row_shows_its_params_from_its_first_epoch(
+    db_url: URL, db_session: Session, running: Job
+) -> None:
+    """The sink of a search trial writes the trial's sampled options with its first epoch (the
+    row showed ``{}`` until the search ended); a record from before the field existed (no
+    ``trial_params`` in its JSON, as a resumed trial's stored records are) keeps them."""
+    from workers.sinks import DatabaseSink, EpochRecord
+
+    sink = DatabaseSink(db_url.render_as_string(hide_password=False), running.id, trial=2)
+    first = EpochRecord(
+        epoch=1,
+        step=10,
+        train={"loss": 1.0},
+        val={"auroc": 80.0, "delta_mean_deo": 5.0},
+        objective=80.0,
+        seconds=1.0,
+        trial=2,
+        trial_params={"phi_lr": 0.5, "gamma": 1.0},
+    )
+    assert EpochRecord.from_json(first.to_json()) == first
+    assert sink.write(EpochRecord.from_json(first.to_json()))
+    row = db_session.scalars(select(Trial).where(Trial.job_id == running.id)).one()
+    assert (row.trial_index, row.state) == (2, "running")
+    assert row.params == {"phi_lr": 0.5, "gamma": 1.0}
+    assert row.metrics["epoch"] == 1 and row.metrics["auroc"] == 80.0
+
+    old = json.loads(first.to_json())
+    del old["trial_params"]
+    old.update(epoch=2, objective=81.0)
+    assert sink.write(EpochRecord.from_json(json.dumps(old)))
+    db_session.expire_all()
+    row = db_session.scalars(select(Trial).where(Trial.job_id == running.id)).one()
+    assert row.params == {"phi_lr": 0.5, "gamma": 1.0} and row.metrics["epoch"] == 2
 
 
 # --- fencing: writes of a stale attempt ------------------------------------------------------
