@@ -12,6 +12,15 @@ import time
 from pathlib import Path
 
 
+def _wait_for(log: Path, text: str, process: subprocess.Popen, timeout_s: float = 120) -> None:
+    """Wait until ``text`` is in ``log`` (the output of ``process``, which must keep running)."""
+    deadline = time.monotonic() + timeout_s
+    while text not in log.read_text():
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+
+
 def test_worker_logs_what_it_does_and_stops_cleanly_on_sigterm(ray_local: str, tmp_path: Path):
     """The worker's info lines reach its log (they were dropped: no handler was configured), and
     SIGTERM, what docker stop and Kubernetes send, ends the loop with status 0 (ray.init had
@@ -35,11 +44,7 @@ def test_worker_logs_what_it_does_and_stops_cleanly_on_sigterm(ray_local: str, t
             start_new_session=True,
         )
     try:
-        deadline = time.monotonic() + 120
-        while "polling for jobs" not in log.read_text():
-            assert process.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
+        _wait_for(log, "polling for jobs", process)
         process.send_signal(signal.SIGTERM)  # the process alone, as a container runtime does
         status = process.wait(timeout=60)
     finally:
@@ -82,11 +87,7 @@ def test_worker_refuses_a_ray_cluster_without_its_state_api(tmp_path: Path) -> N
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 120
-        while "Ray runtime started" not in head_log.read_text():
-            assert head.poll() is None, head_log.read_text()[-3000:]
-            assert time.monotonic() < deadline, head_log.read_text()[-3000:]
-            time.sleep(0.2)
+        _wait_for(head_log, "Ray runtime started", head)
         worker = subprocess.run(
             [sys.executable, "-m", "cli", "worker"],
             env={
