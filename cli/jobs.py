@@ -92,6 +92,17 @@ def _summary(values: Mapping[str, Any] | None) -> str:
     return "  ".join(parts)
 
 
+def _search_val(trials: list[dict[str, Any]], latest: str) -> str:
+    """A search's val line: its best trial's best epoch once the search has picked it (the
+    checkpoint the job keeps), else the latest epoch of the trial that reported last, said so
+    (the latest val metrics are of whichever trial reported last, not of the winner)."""
+    best = next((t for t in trials if t["metrics"].get("best")), None)
+    if best is None:
+        return f"{latest}  (the trial that reported last)" if latest else ""
+    metrics = best["metrics"]
+    return f"{_summary(metrics)}  (best trial {best['trial_index']}, epoch {metrics.get('epoch')})"
+
+
 @jobs_app.command("submit")
 def submit(
     spec_file: Annotated[
@@ -170,6 +181,7 @@ def show(
     with client:
         job = call_api(lambda: client.get_job(job_id))
         metrics = call_api(lambda: client.metrics(job_id, since=2**63 - 1))
+        trials = call_api(lambda: client.trials(job_id))  # [] unless the job is a search
     if as_json:
         typer.echo(json.dumps({**job, "latest": metrics["latest"]}, indent=2))
         return
@@ -190,6 +202,8 @@ def show(
         lines.append(("error", job["error"]))
     for split in ("val", "test"):
         summary = _summary(metrics["latest"].get(split))
+        if split == "val" and trials:
+            summary = _search_val(trials, summary)
         if summary:
             lines.append((split, summary))
     width = max(len(name) for name, _ in lines)

@@ -343,3 +343,30 @@ def test_cli_watch_follows_a_job_to_the_end(live_api: LiveAPI, tiny_dataset: str
     result = run_cli(live_api, "jobs", "watch", str(other), "--interval", "0.1")
     assert result.exit_code == 1
     assert result.stdout.strip().splitlines()[-1] == f"job {other} cancelled"
+
+
+def test_cli_show_of_a_search_gives_the_best_trials_val_metrics(
+    live_api: LiveAPI, tiny_dataset: str
+) -> None:
+    """The latest val metrics of a search are of whichever trial reported last; `show` says
+    so while the search runs, and gives the winning trial's once the search has picked it."""
+    with BirdClient(live_api.base_url, live_api.api_key) as bird:
+        job_id = bird.submit(job_spec(tiny_dataset, priority=100))["id"]
+    with live_api.session() as session:
+        while (claimed := queue.claim(session, "w", 300)) is not None:
+            if claimed.id == job_id:
+                break
+        for trial, auroc in ((0, 0.9), (1, 0.6)):  # trial 1 reports last, and is worse
+            queue.upsert_trial(session, job_id, trial, state="running", params={"phi_lr": 1.0})
+            rows = [{"split": "val", "name": "auroc", "value": auroc, "epoch": 1, "trial": trial}]
+            queue.record_metrics(session, job_id, rows)
+    running = run_cli(live_api, "jobs", "show", str(job_id))
+    assert running.exit_code == 0, running.output
+    assert "val       auroc 0.6  (the trial that reported last)" in running.stdout.splitlines()
+    with live_api.session() as session:
+        best = {"auroc": 0.9, "delta_mean_deo": 4.0, "epoch": 1, "best": True}
+        queue.upsert_trial(session, job_id, 0, state="completed", metrics=best)
+        queue.upsert_trial(session, job_id, 1, state="completed", metrics={"best": False})
+        queue.finish(session, job_id, "w")
+    done = run_cli(live_api, "jobs", "show", str(job_id)).stdout.splitlines()
+    assert "val       auroc 0.9  delta_mean_deo 4  (best trial 0, epoch 1)" in done, done
