@@ -181,7 +181,8 @@ def show(
     with client:
         job = call_api(lambda: client.get_job(job_id))
         metrics = call_api(lambda: client.metrics(job_id, since=2**63 - 1))
-        trials = call_api(lambda: client.trials(job_id))  # [] unless the job is a search
+        is_search = bool(job["spec"].get("search"))
+        trials = call_api(lambda: client.trials(job_id)) if is_search else []
     if as_json:
         typer.echo(json.dumps({**job, "latest": metrics["latest"]}, indent=2))
         return
@@ -221,23 +222,22 @@ def logs(
     """Print a job's log, oldest line first: what its worker did and said (the search's
     summary, warnings, and an error's traceback)."""
     client = api_client(url, key)
-    items: list[dict[str, Any]] = []
+    items: list[dict[str, Any]] = []  # kept for --json only; text is printed page by page
+    since = 0
     with client:
-        since = 0
         while True:  # the API answers at most 1,000 lines at a time
             page = call_api(lambda after=since: client.logs(job_id, since=after))
             if not page["items"]:
                 break
-            since = page["next_since"]
             if as_json:
                 items.extend(page["items"])
-                continue
-            for item in page["items"]:  # printed as each page arrives
-                typer.echo(f"{item['at']}  {item['level'].upper():<7}  {item['message']}")
-            items.append(page["items"][-1])
+            else:
+                for item in page["items"]:
+                    typer.echo(f"{item['at']}  {item['level'].upper():<7}  {item['message']}")
+            since = page["next_since"]
     if as_json:
         typer.echo(json.dumps(items, indent=2))
-    elif not items:
+    elif since == 0:
         typer.echo(f"job {job_id} has no log lines yet", err=True)
 
 

@@ -27,14 +27,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from unittest import mock
 
 import ray
 
@@ -144,37 +144,33 @@ def check_state_api(dashboard_url: str | None, address: str, *, probe: bool = Tr
         "wait for ever after its first trial"
     )
     embedded = address == "local"
+    cluster = "bird's own Ray" if embedded else f"the Ray cluster at {address}"
     if not dashboard_url:
         if embedded:
-            raise ClusterUnfit(f"bird's own Ray started without its dashboard: {why}")
+            raise ClusterUnfit(f"{cluster} started without its dashboard: {why}")
         raise ClusterUnfit(
-            f"the Ray cluster at {address} runs without its dashboard, which serves Ray's State "
-            f"API: {why}. Start its head with the dashboard (ray start --head "
-            "--include-dashboard=true, which needs ray[default]; add --dashboard-host=0.0.0.0 "
-            "where workers run on other hosts)"
+            f"{cluster} runs without its dashboard, which serves Ray's State API: {why}. Start "
+            "its head with the dashboard (ray start --head --include-dashboard=true, which "
+            "needs ray[default]; add --dashboard-host=0.0.0.0 where workers run on other hosts)"
         )
     if not probe:
         return
     url = dashboard_url if "://" in dashboard_url else f"http://{dashboard_url}"
+    advice = (
+        ""
+        if embedded
+        else ". Make the dashboard reachable from every node (ray start --head "
+        "--dashboard-host=0.0.0.0)"
+    )
     deadline = time.monotonic() + STATE_API_WAIT_S
     while True:
         problem = _state_api_problem(url)
         if problem is None:
             return
         if time.monotonic() > deadline:
-            where = (
-                f"the State API of bird's own Ray (its dashboard at {url})"
-                if embedded
-                else f"the State API of the Ray cluster at {address} (its dashboard at {url})"
-            )
-            advice = (
-                ""
-                if embedded
-                else ". Make the dashboard reachable from every node (ray start --head "
-                "--dashboard-host=0.0.0.0)"
-            )
             raise ClusterUnfit(
-                f"{where} does not answer after {STATE_API_WAIT_S:.0f} s ({problem}): {why}{advice}"
+                f"the State API of {cluster} (its dashboard at {url}) does not answer after "
+                f"{STATE_API_WAIT_S:.0f} s ({problem}): {why}{advice}"
             )
         time.sleep(0.5)
 
@@ -190,28 +186,13 @@ def _state_api_problem(url: str) -> str | None:
     """
     from ray.util.state import list_nodes
 
-    with _environment(RAY_API_SERVER_ADDRESS=url):
+    # (connect_ray runs before any worker thread starts: nothing else reads it meanwhile.)
+    with mock.patch.dict(os.environ, {"RAY_API_SERVER_ADDRESS": url}):
         try:
             list_nodes(address=url, limit=1, timeout=5, raise_on_missing_output=False)
         except Exception as error:  # refused while it starts, an HTTP error, ...
             return " ".join(f"{type(error).__name__}: {error}".split())[:300]
     return None
-
-
-@contextlib.contextmanager
-def _environment(**values: str) -> Iterator[None]:
-    """Set environment variables for the block and restore them after it (connect_ray runs
-    before any worker thread starts, so nothing else reads them meanwhile)."""
-    previous = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def head_node_resource() -> dict[str, float]:

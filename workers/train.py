@@ -159,8 +159,6 @@ class TrainPlan:
     settings: Settings
     checkpoint_base: str | None  # where best/last are published, e.g. jobs/7/checkpoints
     trial: int | None = None
-    # A search trial's sampled options (a subset of method_options), recorded with its epochs.
-    trial_params: dict[str, Any] | None = None
     run_control: str | None = None  # name of the job's RunControl actor
     fault: FaultInjection | None = None
     step_delay_s: float = 0.0  # see SLOW_STEP_ENV
@@ -171,6 +169,15 @@ class TrainPlan:
     def job(self) -> JobSpec:
         """The parsed spec."""
         return JobSpec.model_validate(self.spec)
+
+    @property
+    def trial_params(self) -> dict[str, Any] | None:
+        """A search trial's sampled options (None outside a search): the searched names'
+        values in ``method_options``, where the trial put them."""
+        search = self.job.search
+        if self.trial is None or search is None:
+            return None
+        return {name: self.method_options[name] for name in search.space}
 
     def train_config(self) -> TrainConfig:
         """bird_core's hyper-parameters for this plan."""

@@ -197,7 +197,6 @@ def _trial_driver(
         plan,
         method_options={**plan.method_options, **config},
         trial=index,
-        trial_params=dict(config),
         checkpoint_base=f"{trial_base}/{index}/checkpoints",
     )
     run_training(

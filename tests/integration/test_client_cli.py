@@ -350,8 +350,12 @@ def test_cli_show_of_a_search_gives_the_best_trials_val_metrics(
 ) -> None:
     """The latest val metrics of a search are of whichever trial reported last; `show` says
     so while the search runs, and gives the winning trial's once the search has picked it."""
+    search = {
+        "space": {"lambda_kd": {"kind": "uniform", "low": 0.1, "high": 2.0}},
+        "num_samples": 2,
+    }
     with BirdClient(live_api.base_url, live_api.api_key) as bird:
-        job_id = bird.submit(job_spec(tiny_dataset, priority=100))["id"]
+        job_id = bird.submit(job_spec(tiny_dataset, priority=100, search=search))["id"]
     with live_api.session() as session:
         while (claimed := queue.claim(session, "w", 300)) is not None:
             if claimed.id == job_id:
