@@ -283,12 +283,16 @@ def build_config(
     seeds: int | None = None,
     train_size: int | None = None,
     epochs: int | None = None,
+    teacher_epochs: int | None = None,
+    teacher_width: int | None = None,
 ) -> ExperimentConfig:
     """The configuration a command line asks for, validated; ``ValueError`` names the problem.
 
     ``variant_definitions`` are ``NAME=METHOD:key=value,...`` strings (:func:`parse_variant`);
     each defined variant runs in addition to ``variants`` (default: the preset's).
     ``comparisons`` are ``A:B`` strings, each reported as the paired difference A − B.
+    ``teacher_epochs`` and ``teacher_width`` size the teacher trained from scratch (``cnn``,
+    ``mlp``); the EfficientNet teacher is pretrained and frozen, so they do not touch it.
     """
     config = preset(preset_name, dataset)  # type: ignore[arg-type]
     custom = tuple(parse_variant(text) for text in variant_definitions)
@@ -313,6 +317,12 @@ def build_config(
         changes["train_size"] = train_size
     if epochs is not None:
         changes["student_train"] = replace(config.student_train, epochs=epochs)
+    if teacher_epochs is not None:
+        changes["teacher_train"] = replace(config.teacher_train, epochs=teacher_epochs)
+    if teacher_width is not None:
+        if config.teacher_model == "mlp":
+            raise ValueError("teacher width sets the CNN teacher's channels; Adult's is an MLP")
+        changes["teacher_options"] = {**config.teacher_options, "width": teacher_width}
     config = replace(config, **changes)
     config.validate()
     return config

@@ -55,6 +55,13 @@ def experiment(
         int | None, typer.Option(help="Train rows to subsample (default 20000).", min=10)
     ] = None,
     epochs: Annotated[int | None, typer.Option(help="Student epochs.", min=1)] = None,
+    teacher_epochs: Annotated[
+        int | None,
+        typer.Option(help="Epochs of the teacher trained from scratch (cnn, mlp).", min=1),
+    ] = None,
+    teacher_width: Annotated[
+        int | None, typer.Option(help="Channels of the cnn teacher (gate-ablation: 16).", min=1)
+    ] = None,
 ) -> None:
     """Run the offline experiment: methods and variants with paired seeds, biased teachers."""
     from bird_core.experiment import build_config, format_markdown, run_experiment
@@ -70,6 +77,8 @@ def experiment(
             seeds=seeds,
             train_size=train_size,
             epochs=epochs,
+            teacher_epochs=teacher_epochs,
+            teacher_width=teacher_width,
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
