@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
 
 import typer
 
+from service.client import DEFAULT_URL
+
 if TYPE_CHECKING:
     from service.client import BirdClient
     from service.settings import Settings
@@ -35,8 +37,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-# The options of every command that talks to a bird API server.
-DEFAULT_URL = "http://127.0.0.1:8000"
+# The options of every command that talks to a bird API server (DEFAULT_URL: the client's).
 UrlOption = Annotated[
     str,
     typer.Option("--url", envvar="BIRD_URL", help="Base URL of the bird API.", show_envvar=True),

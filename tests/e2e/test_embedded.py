@@ -207,6 +207,12 @@ def test_a_search_on_the_embedded_default_succeeds_with_other_ray_on_the_machine
     assert len(summary) == 1 and "best trial" in summary[0] and "phi_lr=" in summary[0], summary
     names = {c["name"] for c in embedded.get(f"/jobs/{job_id}/checkpoints")}
     assert "best" in names
+    # The job's latest val (what a poller and the dashboard read) is the best trial's, on SQLite.
+    (best,) = [t for t in trials if t["metrics"]["best"]]
+    latest = embedded.get(f"/jobs/{job_id}/metrics")["latest"]["val"]
+    assert {k: latest[k] for k in ("auroc", "delta_mean_deo")} == pytest.approx(
+        {k: best["metrics"][k] for k in ("auroc", "delta_mean_deo")}
+    ), (latest, trials)
 
 
 def test_cancelling_a_search_keeps_its_best_checkpoint_and_the_worker_goes_on(

@@ -479,9 +479,11 @@ def test_metrics_series_latest_groups_and_since(
     assert nothing["series"] == [] and nothing["next_since"] == ids[-1]
 
 
-def test_metrics_latest_of_a_search_is_the_trial_that_reported_last(
+def test_metrics_latest_of_a_search_is_its_best_trial_once_picked(
     live_api: LiveAPI, http: httpx.Client, tiny_dataset: str
 ) -> None:
+    """While a search runs, its latest val is the trial that reported last; once the search
+    has picked its best trial, that trial's (the one whose checkpoint the job keeps)."""
     job_id = submit(http, tiny_dataset)["id"]
     rows = [
         {"split": "val", "name": "auroc", "value": 0.5, "epoch": 3, "trial": 1},
@@ -502,6 +504,19 @@ def test_metrics_latest_of_a_search_is_the_trial_that_reported_last(
     assert metrics["latest"] == {"train": {"loss": 0.9}, "val": {"auroc": 0.75, "f1": 0.3}}
     assert metrics["groups"] == {}  # trial 2's group row is at epoch 0, not its latest
     assert len(metrics["series"]) == len(rows)
+
+    # Running trials' rows (no "best" yet, or "best": false) change nothing.
+    with live_api.session() as session:
+        queue.upsert_trial(session, job_id, 1, state="running", metrics={"auroc": 0.6})
+        queue.upsert_trial(session, job_id, 2, state="running", metrics={"best": False})
+    assert http.get(f"/jobs/{job_id}/metrics").json()["latest"]["val"] == {"auroc": 0.75, "f1": 0.3}
+
+    # The search ends and picks trial 1: its highest epoch (4) is the latest val now.
+    with live_api.session() as session:
+        queue.upsert_trial(session, job_id, 1, state="completed", metrics={"best": True})
+        queue.upsert_trial(session, job_id, 2, state="early_stopped", metrics={"best": False})
+    metrics = http.get(f"/jobs/{job_id}/metrics").json()
+    assert metrics["latest"] == {"train": {"loss": 0.9}, "val": {"auroc": 0.6}}
 
 
 @contextmanager

@@ -348,8 +348,8 @@ def test_cli_watch_follows_a_job_to_the_end(live_api: LiveAPI, tiny_dataset: str
 def test_cli_show_of_a_search_gives_the_best_trials_val_metrics(
     live_api: LiveAPI, tiny_dataset: str
 ) -> None:
-    """The latest val metrics of a search are of whichever trial reported last; `show` says
-    so while the search runs, and gives the winning trial's once the search has picked it."""
+    """While a search runs, its latest val metrics are of whichever trial reported last and
+    `show` says so; once the search has picked its winner, `show` gives the winner's best epoch."""
     search = {
         "space": {"lambda_kd": {"kind": "uniform", "low": 0.1, "high": 2.0}},
         "num_samples": 2,

@@ -466,6 +466,7 @@ def _latest_statement() -> Any:
     """The rows of each split's latest epoch, and whether the caller owns the job: one query.
 
     Per split, the run to show is the main run (``trial`` null) if there is one, else the trial
+    the finished search picked as best (its ``trials`` row says ``"best": true``), else the trial
     that reported last; its rows at its highest epoch are the split's latest values. The
     ``jobs`` row of the caller's tenant is joined (outer) to them, so no row at all means no
     such job (404) and a single row without a split means a job without metrics yet.
@@ -482,8 +483,21 @@ def _latest_statement() -> Any:
         .group_by(Metric.split, Metric.trial)
         .subquery("runs")
     )
+    # Without it, a finished search's latest val would be whichever trial happened to report
+    # last (often an early-stopped loser), not the one whose checkpoint the job keeps.
+    best_trial = (
+        select(Trial.trial_index)
+        .where(Trial.job_id == _JOB_ID, Trial.metrics["best"].as_boolean().is_(True))
+        .limit(1)
+        .scalar_subquery()
+    )
     rank = func.row_number().over(
-        partition_by=runs.c.split, order_by=(runs.c.trial.is_(None).desc(), runs.c.last_id.desc())
+        partition_by=runs.c.split,
+        order_by=(
+            runs.c.trial.is_(None).desc(),
+            func.coalesce(runs.c.trial == best_trial, False).desc(),
+            runs.c.last_id.desc(),
+        ),
     )
     ranked = select(runs.c.split, runs.c.trial, runs.c.epoch, rank.label("rank")).subquery("ranked")
     rows = (
