@@ -108,6 +108,19 @@ def test_build_config_validates_names():
         build_config(preset_name="fast")
 
 
+def test_build_config_sizes_the_trained_teacher():
+    from bird_core.experiment import build_config
+
+    config = build_config(preset_name="gate-ablation", teacher_epochs=15, teacher_width=32)
+    assert config.teacher_train.epochs == 15 and config.teacher_train.lr == 2e-3
+    assert config.teacher_options == {"width": 32, "embed_dim": 128}
+    assert config.student_train.epochs == 5  # the student is not touched
+    adult = build_config(preset_name="gate-ablation", dataset="adult", teacher_epochs=3)
+    assert adult.teacher_train.epochs == 3 and adult.teacher_train.batch_size == 256
+    with pytest.raises(ValueError, match="Adult's is an MLP"):
+        build_config(dataset="adult", teacher_width=32)
+
+
 def _runs(variant: str, deo: list[float], auroc: list[float]) -> list[dict]:
     return [
         {
