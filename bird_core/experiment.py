@@ -285,6 +285,7 @@ def build_config(
     epochs: int | None = None,
     teacher_epochs: int | None = None,
     teacher_width: int | None = None,
+    efficientnet_image_size: int | None = None,
 ) -> ExperimentConfig:
     """The configuration a command line asks for, validated; ``ValueError`` names the problem.
 
@@ -292,7 +293,8 @@ def build_config(
     each defined variant runs in addition to ``variants`` (default: the preset's).
     ``comparisons`` are ``A:B`` strings, each reported as the paired difference A − B.
     ``teacher_epochs`` and ``teacher_width`` size the teacher trained from scratch (``cnn``,
-    ``mlp``); the EfficientNet teacher is pretrained and frozen, so they do not touch it.
+    ``mlp``); the EfficientNet teacher is pretrained and frozen, so they do not touch it:
+    ``efficientnet_image_size`` sets the side its inputs are resized to (gate-ablation: 48).
     """
     config = preset(preset_name, dataset)  # type: ignore[arg-type]
     custom = tuple(parse_variant(text) for text in variant_definitions)
@@ -323,6 +325,13 @@ def build_config(
         if config.teacher_model == "mlp":
             raise ValueError("teacher width sets the CNN teacher's channels; Adult's is an MLP")
         changes["teacher_options"] = {**config.teacher_options, "width": teacher_width}
+    if efficientnet_image_size is not None:
+        if efficientnet_image_size < 32:
+            raise ValueError(
+                f"efficientnet image size must be >= 32 (the backbone downsamples 32×), "
+                f"got {efficientnet_image_size}"
+            )
+        changes["efficientnet_image_size"] = efficientnet_image_size
     config = replace(config, **changes)
     config.validate()
     return config

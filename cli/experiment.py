@@ -62,6 +62,10 @@ def experiment(
     teacher_width: Annotated[
         int | None, typer.Option(help="Channels of the cnn teacher (gate-ablation: 16).", min=1)
     ] = None,
+    efficientnet_image_size: Annotated[
+        int | None,
+        typer.Option(help="Side the efficientnet teacher's inputs are resized to (48).", min=32),
+    ] = None,
 ) -> None:
     """Run the offline experiment: methods and variants with paired seeds, biased teachers."""
     from bird_core.experiment import build_config, format_markdown, run_experiment
@@ -79,6 +83,7 @@ def experiment(
             epochs=epochs,
             teacher_epochs=teacher_epochs,
             teacher_width=teacher_width,
+            efficientnet_image_size=efficientnet_image_size,
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err

@@ -119,6 +119,9 @@ def test_build_config_sizes_the_trained_teacher():
     assert adult.teacher_train.epochs == 3 and adult.teacher_train.batch_size == 256
     with pytest.raises(ValueError, match="Adult's is an MLP"):
         build_config(dataset="adult", teacher_width=32)
+    assert build_config(efficientnet_image_size=64).efficientnet_image_size == 64
+    with pytest.raises(ValueError, match="must be >= 32"):
+        build_config(efficientnet_image_size=16)
 
 
 def _runs(variant: str, deo: list[float], auroc: list[float]) -> list[dict]:
