@@ -70,8 +70,9 @@ def test_default_search_space_samples_only_valid_bird_options():
     spec = JobSpec.model_validate({"dataset": {"uri": "datasets/fm"}, "search": {}})
     assert spec.search is not None
     space = spec.search.space
-    assert {"phi_lr", "lambda_logit", "lambda_fair", "gamma"} <= set(space)
+    assert {"phi_lr", "lambda_logit", "temperature", "lambda_fair", "gamma"} <= set(space)
     for name, distribution in space.items():
         assert name in METHOD_OPTIONS["bird"], name
-        for value in (distribution.low, distribution.high):
+        bounds = distribution.values or (distribution.low, distribution.high)
+        for value in bounds:
             BIRDOptions(**{name: value})  # raises on a value out of range
