@@ -319,11 +319,18 @@ def build_config(
         changes["train_size"] = train_size
     if epochs is not None:
         changes["student_train"] = replace(config.student_train, epochs=epochs)
+    runs = set(teachers if teachers is not None else config.teachers)
+    for option, value, teacher in (
+        ("teacher epochs", teacher_epochs, "cnn" if dataset != "adult" else "mlp"),
+        ("teacher width", teacher_width, "cnn"),
+        ("efficientnet image size", efficientnet_image_size, "efficientnet"),
+    ):
+        # An option no teacher of the run reads would be silently ignored.
+        if value is not None and teacher not in runs:
+            raise ValueError(f"{option} sets the {teacher} teacher, which this run does not use")
     if teacher_epochs is not None:
         changes["teacher_train"] = replace(config.teacher_train, epochs=teacher_epochs)
     if teacher_width is not None:
-        if config.teacher_model == "mlp":
-            raise ValueError("teacher width sets the CNN teacher's channels; Adult's is an MLP")
         changes["teacher_options"] = {**config.teacher_options, "width": teacher_width}
     if efficientnet_image_size is not None:
         if efficientnet_image_size < 32:

@@ -95,7 +95,7 @@ def _summary(values: Mapping[str, Any] | None) -> str:
 def _search_val(trials: list[dict[str, Any]], latest: str) -> str:
     """A search's val line: its best trial's best epoch once the search has picked it (the
     checkpoint the job keeps), else the latest epoch of the trial that reported last, said so
-    (the latest val metrics are of whichever trial reported last, not of the winner)."""
+    (while a search runs, the API's latest val metrics are of whichever trial reported last)."""
     best = next((t for t in trials if t["metrics"].get("best")), None)
     if best is None:
         return f"{latest}  (the trial that reported last)" if latest else ""

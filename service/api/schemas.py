@@ -186,8 +186,8 @@ class MetricsPublic(BaseModel):
     """A job's metrics: the series since a point, the latest summary and the per-group table.
 
     ``latest`` maps each split to its metrics at that split's highest epoch (per-group metrics
-    excluded; rows outside a search preferred over trial rows, then a finished search's best trial,
-    then the trial that reported last). ``groups`` maps each split to the
+    excluded; rows outside a search preferred over trial rows, then a finished search's best trial
+    at its highest epoch, then the trial that reported last). ``groups`` maps each split to the
     per-group rows built from ``group/<g>/count|accuracy|tpr|fpr`` at the same epoch.
     ``series`` holds at most 10,000 points; poll again with ``since=next_since`` for more.
     """

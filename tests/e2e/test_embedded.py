@@ -208,6 +208,7 @@ def test_a_search_on_the_embedded_default_succeeds_with_other_ray_on_the_machine
     names = {c["name"] for c in embedded.get(f"/jobs/{job_id}/checkpoints")}
     assert "best" in names
     # The job's latest val (what a poller and the dashboard read) is the best trial's, on SQLite.
+    # With one epoch per trial its highest epoch is its best, which its trials row holds.
     (best,) = [t for t in trials if t["metrics"]["best"]]
     latest = embedded.get(f"/jobs/{job_id}/metrics")["latest"]["val"]
     assert {k: latest[k] for k in ("auroc", "delta_mean_deo")} == pytest.approx(

@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 from sqlalchemy import URL, Engine, event, text, update
+from sqlalchemy.orm import Session
 
 from service import queue
 from service.api import create_app
@@ -517,6 +518,37 @@ def test_metrics_latest_of_a_search_is_its_best_trial_once_picked(
         queue.upsert_trial(session, job_id, 2, state="early_stopped", metrics={"best": False})
     metrics = http.get(f"/jobs/{job_id}/metrics").json()
     assert metrics["latest"] == {"train": {"loss": 0.9}, "val": {"auroc": 0.6}}
+
+
+def test_the_latest_query_ranks_a_searchs_best_trial_on_both_databases(
+    db_session: Session, db_tenant_id: int
+) -> None:
+    """The latest-values query itself, on PostgreSQL and SQLite (its JSON test differs by
+    dialect): the trial marked best wins over one that reported later, at its highest epoch;
+    a trial marked not best, or a row without the key, changes nothing."""
+    from service.api.routes.jobs import _LATEST
+
+    job_id = queue.submit(db_session, db_tenant_id, {"method": "bird"}).id
+    queue.record_metrics(
+        db_session,
+        job_id,
+        [
+            {"split": "val", "name": "auroc", "value": 0.5, "epoch": 1, "trial": 0},
+            {"split": "val", "name": "auroc", "value": 0.6, "epoch": 2, "trial": 0},
+            {"split": "val", "name": "auroc", "value": 0.9, "epoch": 1, "trial": 1},
+        ],
+    )
+
+    def latest() -> list[tuple[str, str, float]]:
+        params = {"job_id": job_id, "tenant_id": db_tenant_id}
+        return [tuple(row) for row in db_session.connection().execute(_LATEST, params)]
+
+    assert latest() == [("val", "auroc", 0.9)]  # no trial is best yet: the last reporter
+    queue.upsert_trial(db_session, job_id, 0, state="running", metrics={"auroc": 0.6})
+    queue.upsert_trial(db_session, job_id, 1, state="early_stopped", metrics={"best": False})
+    assert latest() == [("val", "auroc", 0.9)]
+    queue.upsert_trial(db_session, job_id, 0, state="completed", metrics={"best": True})
+    assert latest() == [("val", "auroc", 0.6)]
 
 
 @contextmanager

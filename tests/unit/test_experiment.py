@@ -117,8 +117,15 @@ def test_build_config_sizes_the_trained_teacher():
     assert config.student_train.epochs == 5  # the student is not touched
     adult = build_config(preset_name="gate-ablation", dataset="adult", teacher_epochs=3)
     assert adult.teacher_train.epochs == 3 and adult.teacher_train.batch_size == 256
-    with pytest.raises(ValueError, match="Adult's is an MLP"):
+    # An option that no teacher of the run reads is refused rather than ignored.
+    with pytest.raises(ValueError, match="teacher width sets the cnn teacher"):
         build_config(dataset="adult", teacher_width=32)
+    with pytest.raises(ValueError, match="teacher epochs sets the cnn teacher"):
+        build_config(teachers=["efficientnet"], teacher_epochs=15)
+    with pytest.raises(ValueError, match="efficientnet image size sets the efficientnet"):
+        build_config(teachers=["cnn"], efficientnet_image_size=64)
+    with pytest.raises(ValueError, match="efficientnet image size sets the efficientnet"):
+        build_config(dataset="adult", efficientnet_image_size=64)
     assert build_config(efficientnet_image_size=64).efficientnet_image_size == 64
     with pytest.raises(ValueError, match="must be >= 32"):
         build_config(efficientnet_image_size=16)

@@ -467,7 +467,8 @@ def _latest_statement() -> Any:
 
     Per split, the run to show is the main run (``trial`` null) if there is one, else the trial
     the finished search picked as best (its ``trials`` row says ``"best": true``), else the trial
-    that reported last; its rows at its highest epoch are the split's latest values. The
+    that reported last; its rows at its highest epoch are the split's latest values (the best
+    trial's checkpoint is of its best epoch, whose metrics its ``trials`` row holds). The
     ``jobs`` row of the caller's tenant is joined (outer) to them, so no row at all means no
     such job (404) and a single row without a split means a job without metrics yet.
     """
@@ -488,6 +489,7 @@ def _latest_statement() -> Any:
     best_trial = (
         select(Trial.trial_index)
         .where(Trial.job_id == _JOB_ID, Trial.metrics["best"].as_boolean().is_(True))
+        .order_by(Trial.trial_index.desc())  # one at most; never an arbitrary pick
         .limit(1)
         .scalar_subquery()
     )
